@@ -1,0 +1,46 @@
+"""The public loaders: one way to get a CGN (teacher or students) and a classifier."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .errors import SkdcgnError
+
+
+def load_cgn(name_or_path: str | os.PathLike):
+    """A CGN from a shipped teacher name, `students:<run dir>`, or a saved CGN folder.
+
+    - `colored`, `double_colored`, `wildlife`: the released CGN-MNIST teachers (shipped).
+    - `students:<dir>`: distilled students; `<dir>` is a run directory, its `distill/` folder, or
+      a folder holding `shape/`, `foreground/` and `background/` student folders.
+    - a path to a folder written by `CGN.save_pretrained`, or an original CGN-MNIST `.pth` file.
+    """
+    from .models.cgn import CGN, MECHANISMS
+    from .models.cgn_mnist import SHIPPED_TEACHERS, load_original_cgn_mnist, shipped_teacher_path
+    from .models.pretrained import load_model
+
+    spec = str(name_or_path)
+    if spec in SHIPPED_TEACHERS:
+        return load_original_cgn_mnist(shipped_teacher_path(spec))
+    if spec.startswith("students:"):
+        root = Path(spec[len("students:"):])
+        for folder in (root / "distill" / "students", root / "students", root):
+            if all((folder / m / "config.json").is_file() for m in MECHANISMS):
+                return CGN(*(load_model(folder / m) for m in MECHANISMS)).eval()
+        raise SkdcgnError(f"{root}: no distilled students found (expected shape/, foreground/ and background/ folders)")
+    path = Path(spec)
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        return load_original_cgn_mnist(path)
+    if path.is_dir():
+        return CGN.from_pretrained(path)
+    raise SkdcgnError(f"{spec!r}: not a shipped teacher ({', '.join(SHIPPED_TEACHERS)}), 'students:<run dir>', a CGN folder or a .pth file")
+
+
+def load_classifier(path: str | os.PathLike) -> nn.Module:
+    """A trained invariant classifier: [N, 3, 32, 32] in [-1, 1] → logits [N, 10]."""
+    from .models import classifier  # noqa: F401  (registers the class)
+    from .models.pretrained import load_model
+
+    return load_model(path)

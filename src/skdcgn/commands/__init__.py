@@ -1,0 +1,1 @@
+"""CLI subcommands: thin argument parsing over the library; no logic of their own."""

@@ -1,0 +1,65 @@
+"""Image grids as PNG (Pillow only): the one place images are turned into pictures."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .io import write_bytes
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] (C = 3) or masks in [0, 1] (C = 1) → uint8 [N, H, W, 3]."""
+    x = images.detach().float().cpu()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1) * 2 - 1
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,
+               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+               title: str | None = None) -> Image.Image:
+    """Tile images row by row (`nrow` per row), optionally with row/column labels and a title."""
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    h, w = h * scale, w * scale
+    ncol = nrow
+    nrows = (n + ncol - 1) // ncol
+    left = 16 if row_labels else 0
+    top = (14 if col_labels else 0) + (16 if title else 0)
+    canvas = Image.new("RGB", (left + ncol * (w + pad) + pad, top + nrows * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 2), title, fill=(0, 0, 0))
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        tile = Image.fromarray(arr[i]).resize((w, h), Image.NEAREST)
+        canvas.paste(tile, (left + pad + c * (w + pad), top + pad + r * (h + pad)))
+    for r, text in enumerate(row_labels or []):
+        draw.text((2, top + pad + r * (h + pad) + h // 2 - 5), str(text), fill=(0, 0, 0))
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + pad + c * (w + pad) + w // 2 - 3, top), str(text), fill=(0, 0, 0))
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def stack_grids(grids: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    """Place grids side by side (e.g. teacher | student)."""
+    w = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    h = max(g.height for g in grids)
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    x = 0
+    for g in grids:
+        canvas.paste(g, (x, 0))
+        x += g.width + gap
+    return canvas

@@ -1,0 +1,89 @@
+"""A CGN: three interchangeable mechanisms (shape, foreground, background) plus the composer.
+
+Every mechanism, teacher or student, has the same interface
+
+    forward(u: Tensor[N, latent_dim], y: LongTensor[N]) -> Tensor[N, C, H, W]
+
+`shape` returns a one-channel mask in [0, 1]; `foreground` and `background` return images in
+[-1, 1]. A mechanism whose config says `shifted_texture` gets a seeded random circular shift at
+composition time (the CGN-MNIST tile-and-crop step, see `compose.random_shift`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..compose import compose, random_shift
+from ..errors import SkdcgnError
+from ..io import read_json, write_json
+from .pretrained import PretrainedModel, load_model
+
+MECHANISMS = ("shape", "foreground", "background")
+INDEX_FILE = "cgn.json"
+
+
+class CGN(nn.Module):
+    def __init__(self, shape: PretrainedModel, foreground: PretrainedModel, background: PretrainedModel) -> None:
+        super().__init__()
+        self.shape, self.foreground, self.background = shape, foreground, background
+        n = {m.config.n_classes for m in self.mechanisms().values()}
+        if len(n) != 1:
+            raise SkdcgnError(f"mechanisms disagree on the number of classes: {sorted(n)}")
+        self.n_classes = n.pop()
+
+    def mechanisms(self) -> dict[str, PretrainedModel]:
+        return {"shape": self.shape, "foreground": self.foreground, "background": self.background}
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared tensors count once
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def run_mechanism(self, name: str, y: Tensor, generator: torch.Generator | None = None,
+                      u: Tensor | None = None) -> Tensor:
+        """One mechanism's output for classes `y`, with noise (and texture shift) from `generator`."""
+        mech = self.mechanisms()[name]
+        if u is None:
+            u = torch.randn(len(y), mech.config.latent_dim, generator=generator)
+        out = mech(u.to(self.device), y.to(self.device))
+        if getattr(mech.config, "shifted_texture", False):
+            out = random_shift(out, generator)
+        return out
+
+    @torch.no_grad()
+    def sample(self, y_shape: Tensor, y_fg: Tensor | None = None, y_bg: Tensor | None = None,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mask, foreground, background, composite) for the given classes.
+
+        Classes left out are those of the shape (no counterfactual). Noise for each mechanism is
+        drawn independently from `generator`, in the order shape, foreground, background.
+        """
+        y_shape = torch.as_tensor(y_shape, dtype=torch.long)
+        y_fg = y_shape if y_fg is None else torch.as_tensor(y_fg, dtype=torch.long)
+        y_bg = y_shape if y_bg is None else torch.as_tensor(y_bg, dtype=torch.long)
+        for name, y in (("y_shape", y_shape), ("y_fg", y_fg), ("y_bg", y_bg)):
+            if y.ndim != 1 or len(y) != len(y_shape) or (len(y) and (y.min() < 0 or y.max() >= self.n_classes)):
+                raise SkdcgnError(f"{name}: expected {len(y_shape)} class indices in [0, {self.n_classes})")
+        mask = self.run_mechanism("shape", y_shape, generator)
+        fg = self.run_mechanism("foreground", y_fg, generator)
+        bg = self.run_mechanism("background", y_bg, generator)
+        return mask, fg, bg, compose(mask, fg, bg)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        for name, mech in self.mechanisms().items():
+            mech.save_pretrained(folder / name)
+        write_json(folder / INDEX_FILE, {"mechanisms": list(MECHANISMS)})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "CGN":
+        folder = Path(folder)
+        index = read_json(folder / INDEX_FILE)
+        if index.get("mechanisms") != list(MECHANISMS):
+            raise SkdcgnError(f"{folder / INDEX_FILE}: expected mechanisms {list(MECHANISMS)}")
+        return cls(*(load_model(folder / name) for name in MECHANISMS)).eval()

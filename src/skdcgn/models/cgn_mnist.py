@@ -1,0 +1,141 @@
+"""The CGN-MNIST teacher (Sauer & Geiger, ICLR 2021): three small class-conditional mechanisms.
+
+Layer layout and indices match the released checkpoints (`cgn_*_mnist.pth`), so conversion is a
+renaming of keys. Each mechanism: cat([u, label_emb(y)]) (32 + 10 dims) → Linear → [64, 8, 8] →
+two ×2 up-sampling conv stages → 32 × 32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SkdcgnError
+from ..io import check_state_dict, sha256_file
+from .cgn import CGN
+from .pretrained import PretrainedModel, register
+
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_TEACHERS = {  # name -> (file, sha256) of the CGN authors' released checkpoints (MIT licence)
+    "colored": ("cgn_colored_mnist.pth", "6b178e7c1924b9efc532c467e7f0b77d2702efb536de9816bbd7e92c26d9b3fe"),
+    "double_colored": ("cgn_double_colored_mnist.pth", "7aa06c907f099c63a26127164a38d2ab353f1cdcafabdf8ca9303a0e9197b933"),
+    "wildlife": ("cgn_wildlife_mnist.pth", "db5bc3108f7bfbd74a85e2b267e65e95bd918920a02fd8de64c947fd8a0015f0"),
+}
+ORIGINAL_PREFIX = {"shape": "f_shape", "foreground": "f_text1", "background": "f_text2"}
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    mechanism: str = "shape"  # shape | foreground | background
+    n_classes: int = 10
+    latent_dim: int = 32
+    ngf: int = 32
+    init_size: int = 8  # 8 → 16 → 32 px
+    shifted_texture: bool = False  # textures: random circular shift at composition
+
+    def validate(self) -> None:
+        if self.mechanism not in ORIGINAL_PREFIX:
+            raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(ORIGINAL_PREFIX)}")
+        for name in ("n_classes", "latent_dim", "ngf", "init_size"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
+
+
+def _up_conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+
+
+@register
+class TeacherMechanism(PretrainedModel):
+    Config = TeacherConfig
+
+    def __init__(self, config: TeacherConfig, label_emb: nn.Embedding | None = None) -> None:
+        config.validate()
+        super().__init__(config)
+        c, s = config.ngf, config.init_size
+        # one embedding may be shared by the three mechanisms, as in the released CGN
+        self.label_emb = label_emb if label_emb is not None else nn.Embedding(config.n_classes, config.n_classes)
+        if config.mechanism == "shape":
+            layers = [
+                nn.Linear(config.latent_dim + config.n_classes, 2 * c * s * s),  # 0
+                nn.Unflatten(1, (2 * c, s, s)),                                    # 1: [64, 8, 8]
+                nn.InstanceNorm2d(2 * c),                                          # 2
+                *_up_conv(2 * c, c),                                               # 3-6: [32, 16, 16]
+                nn.InstanceNorm2d(c),                                              # 7
+                *_up_conv(c, 1),                                                   # 8-11: [1, 32, 32]
+                nn.InstanceNorm2d(1),                                              # 12
+            ]
+        else:
+            layers = [
+                nn.Linear(config.latent_dim + config.n_classes, 2 * c * s * s),  # 0
+                nn.Unflatten(1, (2 * c, s, s)),                                    # 1: [64, 8, 8]
+                *_up_conv(2 * c, 2 * c),                                           # 2-5: [64, 16, 16]
+                *_up_conv(2 * c, c),                                               # 6-9: [32, 32, 32]
+                nn.Conv2d(c, 3, 3, padding=1),                                     # 10: [3, 32, 32]
+                nn.BatchNorm2d(3),                                                 # 11
+                nn.Tanh(),                                                         # 12
+            ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        out = self.net(torch.cat([u, self.label_emb(y)], dim=1))
+        if self.config.mechanism == "shape":
+            out = out.clamp(1e-4, 0.9999)  # instance-normed logits, clamped into a mask
+        return out
+
+
+def teacher_mechanisms(n_classes: int = 10, latent_dim: int = 32, ngf: int = 32, init_size: int = 8) -> dict[str, TeacherMechanism]:
+    """Three fresh teacher mechanisms sharing one class embedding."""
+    emb = nn.Embedding(n_classes, n_classes)
+    return {m: TeacherMechanism(TeacherConfig(m, n_classes, latent_dim, ngf, init_size, shifted_texture=m != "shape"), emb)
+            for m in ORIGINAL_PREFIX}
+
+
+def _load_original_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (expected a zip-format state_dict saved by torch.save)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
+    if not isinstance(sd, dict):
+        raise SkdcgnError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
+    return sd
+
+
+def load_original_cgn_mnist(path: str | os.PathLike) -> CGN:
+    """Convert a CGN-MNIST checkpoint as released by the CGN authors into a `CGN` (validated)."""
+    path = Path(path)
+    sd = _load_original_state_dict(path)
+    mechs = teacher_mechanisms()
+    expected = {"label_emb.weight": mechs["shape"].label_emb.weight}
+    for name, mech in mechs.items():
+        for k, v in mech.net.state_dict().items():
+            expected[f"{ORIGINAL_PREFIX[name]}.{k}"] = v
+    check_state_dict(sd, expected, str(path))
+    with torch.no_grad():
+        mechs["shape"].label_emb.weight.copy_(sd["label_emb.weight"])
+        for name, mech in mechs.items():
+            prefix = ORIGINAL_PREFIX[name] + "."
+            mech.net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    return CGN(**mechs).eval()
+
+
+def shipped_teacher_path(name: str) -> Path:
+    if name not in SHIPPED_TEACHERS:
+        raise SkdcgnError(f"unknown teacher {name!r}; shipped teachers: {', '.join(SHIPPED_TEACHERS)}")
+    file, digest = SHIPPED_TEACHERS[name]
+    path = ASSETS / file
+    if not path.is_file() or sha256_file(path) != digest:
+        raise SkdcgnError(f"{path}: missing or corrupt shipped teacher (expected sha256 {digest[:12]}…); reinstall skdcgn")
+    return path

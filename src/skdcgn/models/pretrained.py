@@ -1,0 +1,73 @@
+"""Models that save and load themselves: `config.json` (constructor arguments) + `model.safetensors`.
+
+A model class declares a `Config` dataclass and takes it as its only constructor argument.
+Registered classes can be loaded from a folder without knowing the class beforehand
+(`load_model`); nothing in a folder is ever executed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from ..config import config_from_dict
+from ..errors import SkdcgnError
+from ..io import check_state_dict, load_tensors, read_json, save_tensors, write_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_REGISTRY: dict[str, type["PretrainedModel"]] = {}
+
+M = TypeVar("M", bound="PretrainedModel")
+
+
+def register(cls: type[M]) -> type[M]:
+    """Class decorator: make `cls` loadable by name from a saved folder."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+class PretrainedModel(nn.Module):
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        # weights first, config last: a folder with a config has its weights
+        save_tensors(folder / WEIGHTS_FILE, self.state_dict())
+        write_json(folder / CONFIG_FILE, {"class": type(self).__name__, "config": dataclasses.asdict(self.config)})
+
+    @classmethod
+    def from_pretrained(cls: type[M], folder: str | os.PathLike) -> M:
+        model = load_model(folder)
+        if not isinstance(model, cls):
+            raise SkdcgnError(f"{folder}: holds a {type(model).__name__}, expected a {cls.__name__}")
+        return model
+
+
+def load_model(folder: str | os.PathLike) -> PretrainedModel:
+    """Load any registered model from `folder` (config.json + model.safetensors), validated."""
+    folder = Path(folder)
+    meta = read_json(folder / CONFIG_FILE)
+    name = meta.get("class")
+    if name not in _REGISTRY:
+        raise SkdcgnError(f"{folder / CONFIG_FILE}: unknown model class {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    cls = _REGISTRY[name]
+    if not isinstance(meta.get("config"), dict):
+        raise SkdcgnError(f"{folder / CONFIG_FILE}: 'config' must be an object")
+    config = config_from_dict(cls.Config, meta["config"], str(folder / CONFIG_FILE))
+    model = cls(config)
+    state = load_tensors(folder / WEIGHTS_FILE)
+    check_state_dict(state, model.state_dict(), str(folder / WEIGHTS_FILE))
+    model.load_state_dict(state)
+    return model.eval()
+
