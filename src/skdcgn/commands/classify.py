@@ -1,0 +1,66 @@
+"""`skdcgn classify train|eval`: invariant classifiers on variants, counterfactuals or a mix."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..config import add_config_arguments
+from ..invariance import ClassifierConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("classify", help="train and evaluate invariant classifiers",
+                                   description="Train a classifier (CGN MNIST protocol by default) and "
+                                               "evaluate it in and out of distribution.")
+    sub = parser.add_subparsers(dest="classify_command", metavar="ACTION")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    t = sub.add_parser("train", help="train a classifier (resumable; run again to continue)")
+    t.add_argument("--data", required=True,
+                   help="a counterfactual dataset folder, or variant:NAME[:SPLIT] (original data, split train by default)")
+    t.add_argument("--mix", nargs="+", default=[], metavar="SOURCE",
+                   help="more sources (folders or variant:NAME) concatenated with --data")
+    t.add_argument("--out", required=True, help="run folder: checkpoint, log, classifier, manifest")
+    add_config_arguments(t, ClassifierConfig)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="print a classifier's accuracy on a variant split or a dataset folder")
+    e.add_argument("--classifier", required=True, help="folder written by `classify train`")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--variant", help="colored, double_colored or wildlife")
+    src.add_argument("--data", help="a counterfactual dataset folder")
+    e.add_argument("--split", default="test", help="test (out of distribution, default), test_iid or train")
+    e.add_argument("--batch-size", type=int, default=1000)
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    e.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..config import config_from_args
+    from ..invariance import load_training_data, train_classifier
+
+    config = config_from_args(ClassifierConfig, args)
+    images, labels = load_training_data([args.data, *args.mix])
+    t0 = time.perf_counter()
+    model = train_classifier(images, labels, config, args.out)
+    used = min(len(labels), config.max_examples or len(labels))
+    print(f"wrote {args.out} ({model.get_num_params():,} parameters, {used} of {len(labels)} training images, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..api import load_classifier
+    from ..config import resolve_device
+    from ..errors import SkdcgnError
+    from ..invariance import evaluate, load_source
+
+    if not 1 <= args.batch_size <= 1_000_000:
+        raise SkdcgnError(f"--batch-size must be between 1 and 1000000, got {args.batch_size}")
+    model = load_classifier(args.classifier).to(resolve_device(args.device))
+    spec = f"variant:{args.variant}:{args.split}" if args.variant else args.data
+    images, labels = load_source(spec)
+    acc = evaluate(model, images, labels, batch_size=args.batch_size)
+    where = f"{args.variant} {args.split}" if args.variant else args.data
+    print(f"accuracy {acc:.4f} on {where} ({len(labels)} images)")
+    return 0

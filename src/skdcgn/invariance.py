@@ -1,0 +1,309 @@
+"""Invariant classifiers: train on any labelled images, evaluate out of distribution.
+
+The default is the CGN paper's MNIST protocol (the CGN authors' CNN, Adadelta lr 1.0, StepLR
+γ 0.7 per epoch, batch 64, 10 epochs). Training data is whatever tensors you pass: original
+variant data, a counterfactual dataset (`load_image_dataset`), or a mix (`load_training_data`).
+
+A training run folder:
+    checkpoint.safetensors   after every epoch: weights, optimizer, scheduler, RNG, log (resume)
+    train_log.csv            epoch, steps, lr, loss, accuracy (train mode), seconds
+    config.json, model.safetensors   the classifier (`skdcgn.load_classifier(folder)`)
+    manifest.json            written last: training is complete
+
+A run resumed from its checkpoint ends bitwise identical to an uninterrupted one on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import resolve_device
+from .counterfactuals import derive_seed, to_float, to_uint8
+from .errors import SkdcgnError
+from .io import config_hash, load_tensors, save_tensors, stage_complete, write_bytes, write_manifest
+from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "train_log.csv"
+VARIANT_PREFIX = "variant:"
+SPLITS = ("train", "test", "test_iid")
+
+
+@dataclasses.dataclass
+class ClassifierConfig:
+    arch: str = "cgn"  # cgn (the CGN authors' CNN) | mnist_example (the PyTorch MNIST example CNN)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1.0  # Adadelta
+    gamma: float = 0.7  # StepLR decay per epoch
+    seed: int = 0  # weights, data order, subset
+    device: str = "auto"
+    max_examples: int = 0  # train on a seeded random subset of this size (0: all)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no cap)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
+        for name, lo, hi in (("epochs", 1, 10_000), ("batch_size", 1, 1_000_000), ("seed", 0, 2**63 - 1),
+                             ("max_examples", 0, 10**9), ("max_steps", 0, 10**12)):
+            if not lo <= getattr(self, name) <= hi:
+                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [{lo}, {hi}]")
+        if not 0 < self.lr <= 100:
+            raise SkdcgnError(f"lr: {self.lr} is outside (0, 100]")
+        if not 0 < self.gamma <= 1:
+            raise SkdcgnError(f"gamma: {self.gamma} is outside (0, 1]")
+
+
+def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise SkdcgnError(f"images: expected a tensor [N, 3, H, W], got {getattr(images, 'shape', type(images).__name__)}")
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise SkdcgnError(f"images: expected uint8 or float32 (in [-1, 1]), got {images.dtype}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (len(images),):
+        raise SkdcgnError(f"labels: expected int64 [{len(images)}], got {getattr(labels, 'dtype', None)} "
+                          f"{list(getattr(labels, 'shape', []))}")
+    if len(labels) == 0:
+        raise SkdcgnError("no training examples")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise SkdcgnError(f"labels: classes must lie in [0, {n_classes})")
+
+
+def data_hash(images: Tensor, labels: Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(f"{images.dtype}{list(images.shape)}".encode())
+    for t in (images, labels):
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- checkpoints: tensors in safetensors, everything else as JSON in its metadata -----------------
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, log: list[dict],
+                     device: torch.device, stage_hash: str) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    plain_state: dict[str, dict] = {}
+    for pid, st in opt_sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                plain_state.setdefault(str(pid), {})[k] = v
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    meta = {"epoch": epoch, "step": step, "log": log, "scheduler": sched.state_dict(),
+            "param_groups": opt_sd["param_groups"], "plain_state": plain_state}
+    save_tensors(path, tensors, metadata={"resume": json.dumps(meta), "stage_hash": stage_hash})
+
+
+def _checkpoint_stage_hash(path: Path) -> str | None:
+    """Which run a checkpoint belongs to (None when unreadable: it is then ignored)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("stage_hash")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, int, list[dict]]:
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["resume"])
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        for pid, st in meta["plain_state"].items():
+            state.setdefault(int(pid), {}).update(st)
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        return int(meta["epoch"]), int(meta["step"]), list(meta["log"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise SkdcgnError(f"{path}: not a usable checkpoint for this run ({str(e).splitlines()[0][:200]}); "
+                          "delete it to start over") from None
+
+
+def _write_log(path: Path, log: list[dict]) -> None:
+    buf = io.StringIO()
+    fields = ["epoch", "steps", "lr", "loss", "accuracy", "seconds"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: row[k] for k in fields} for row in log)
+    write_bytes(path, buf.getvalue().encode())
+
+
+# ---- training and evaluation ------------------------------------------------------------------------
+
+def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | None = None,
+                     out_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                     on_epoch_end: Callable[[int, dict], None] | None = None) -> Classifier:
+    """Train a classifier on (images [N, 3, H, W] uint8 or float in [-1, 1], labels int64 [N]).
+
+    With `out_dir`, the run is resumable (a checkpoint per epoch), skipped when already complete
+    for the same config and data, and ends with the classifier saved there (`load_classifier`).
+    on_epoch_end(epoch, log_row) is called after each epoch's checkpoint is written.
+    Returns the trained classifier in eval mode, on the config's device.
+    """
+    config = config or ClassifierConfig()
+    config.validate()
+    _check_data(images, labels)
+    device = resolve_device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    stage = {"stage": "classifier", "train": dataclasses.asdict(config), "data": data_hash(images, labels), "n": len(labels)}
+    stage["train"].pop("device")  # where it ran does not change what it is
+    if out is not None and stage_complete(out, stage):
+        from .models.pretrained import load_model
+        return load_model(out).to(device)
+
+    if config.max_examples and config.max_examples < len(labels):
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(derive_seed(config.seed, "subset")))
+        keep = keep[:config.max_examples].sort().values
+        images, labels = images[keep], labels[keep]
+    n = len(labels)
+    steps_per_epoch = -(-n // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        net_config = ClassifierNetConfig(arch=config.arch, image_size=images.shape[-1])
+        if images.shape[-1] != images.shape[-2]:
+            raise SkdcgnError(f"images: expected square images, got {list(images.shape[-2:])}")
+        model = Classifier(net_config).to(device)
+        opt = torch.optim.Adadelta(model.parameters(), lr=config.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.gamma)
+        epoch, step, log = 0, 0, []
+        if out is not None and (out / CHECKPOINT).is_file():
+            if _checkpoint_stage_hash(out / CHECKPOINT) == config_hash(stage):
+                epoch, step, log = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
+                if progress:
+                    print(f"resuming {out} after epoch {epoch} (step {step})")
+            elif progress:
+                print(f"{out / CHECKPOINT} belongs to other settings or data; starting over")
+        while epoch < config.epochs and step < total_steps:
+            model.train()
+            t0 = time.perf_counter()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(config.seed, "order", epoch)))
+            n_batches = min(steps_per_epoch, total_steps - step)
+            loss_sum, correct, seen = 0.0, 0, 0
+            lr = opt.param_groups[0]["lr"]
+            bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+                       disable=not progress, dynamic_ncols=True, leave=False)
+            for b in bar:
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                x = to_float(images[idx]).to(device, non_blocking=True)
+                y = labels[idx].to(device, non_blocking=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                if b % 50 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.close()
+            sched.step()
+            epoch += 1
+            row = {"epoch": epoch, "steps": step, "lr": lr, "loss": round(loss_sum / seen, 6),
+                   "accuracy": round(correct / seen, 6), "seconds": round(time.perf_counter() - t0, 2)}
+            log.append(row)
+            if progress:
+                print(f"epoch {epoch}: loss {row['loss']:.4f}, train accuracy {row['accuracy']:.4f}, "
+                      f"{row['seconds']:.1f} s")
+            if out is not None:
+                _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, config_hash(stage))
+                _write_log(out / LOG, log)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+    model.eval()
+    if out is not None:
+        model.save_pretrained(out)
+        write_manifest(out, stage, log=log, n_params=model.get_num_params(),
+                       train_seconds=round(sum(r["seconds"] for r in log), 2))
+    return model
+
+
+@torch.no_grad()
+def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Predicted classes int64 [N] (batched; images uint8 or float in [-1, 1])."""
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    preds = [classifier(to_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1] of `classifier` on (images, labels)."""
+    _check_data(images, labels, n_classes=10**9)
+    return (predict(classifier, images, batch_size) == labels).float().mean().item()
+
+
+# ---- data sources -------------------------------------------------------------------------------
+
+def load_source(spec: str, dtype: torch.dtype = torch.uint8) -> tuple[Tensor, Tensor]:
+    """`variant:NAME[:SPLIT]` (split defaults to train) or a dataset folder (counterfactuals).
+
+    Images come as uint8 by default: variants and counterfactual datasets are stored that way,
+    so nothing is lost, and training converts each batch to float in [-1, 1].
+    """
+    if spec.startswith(VARIANT_PREFIX):
+        name, _, split = spec[len(VARIANT_PREFIX):].partition(":")
+        return load_variant_split(name, split or "train", dtype)
+    from .counterfactuals import load_image_dataset
+    return load_image_dataset(spec, dtype=dtype)
+
+
+def load_variant_split(name: str, split: str, dtype: torch.dtype = torch.uint8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    if split not in SPLITS:
+        raise SkdcgnError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    try:
+        from . import data
+    except ImportError:
+        raise SkdcgnError("the data package (skdcgn.data) is not available") from None
+    if hasattr(data, "load_variant_uint8"):
+        images, labels = data.load_variant_uint8(name, split, seed=seed)
+    else:
+        images, labels = data.load_variant(name, split, seed=seed)
+        images = to_uint8(images)
+    return (images if dtype == torch.uint8 else to_float(images)), labels
+
+
+def load_training_data(specs: list[str]) -> tuple[Tensor, Tensor]:
+    """Concatenate one or more sources (`load_source` specs): images uint8, labels int64."""
+    if not specs:
+        raise SkdcgnError("no training data given")
+    parts = [load_source(s) for s in specs]
+    shapes = {tuple(x.shape[1:]) for x, _ in parts}
+    if len(shapes) != 1:
+        raise SkdcgnError(f"training sources have different image shapes: {sorted(shapes)}")
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])

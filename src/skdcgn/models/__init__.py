@@ -1,0 +1,7 @@
+"""Networks only: teachers, students, discriminators, classifiers. Nothing here trains.
+
+Importing the package registers every model class, so `load_model` can rebuild any saved folder.
+"""
+from . import cgn_mnist  # noqa: F401
+from . import classifier  # noqa: F401
+from . import cgn_discriminator  # noqa: F401

@@ -1,0 +1,87 @@
+"""The invariant classifier: [N, 3, 32, 32] in [-1, 1] → logits [N, 10].
+
+Two architectures, picked by `ClassifierNetConfig.arch`:
+- `cgn` (default): the CNN the CGN authors trained on their MNIST counterfactuals
+  (`mnists/models/classifier.py` of autonomousvision/counterfactual_generative_networks):
+  an input BatchNorm, four convolutions, a 7 × 7 average pool and one linear layer (~68k params).
+  Kept as released: on 32 px inputs the last feature map is 8 × 8, and the 7 × 7 pool (stride 7)
+  averages its top-left 7 × 7 window. The released net ends in LogSoftmax; we return the logits
+  (cross-entropy on them is the same loss as NLL on the log-softmax).
+- `mnist_example`: the PyTorch MNIST example CNN, adapted to 3 × 32 × 32 (conv 3→32, conv
+  32→64, max-pool, dropout .25, fc 64·14·14 = 12544 → 128, dropout .5, fc → 10; ~1.6M params).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor, nn
+
+from ..errors import SkdcgnError
+from .pretrained import PretrainedModel, register
+
+ARCHS = ("cgn", "mnist_example")
+
+
+@dataclasses.dataclass
+class ClassifierNetConfig:
+    arch: str = "cgn"  # cgn | mnist_example
+    n_classes: int = 10
+    in_channels: int = 3
+    image_size: int = 32
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if not 2 <= self.n_classes <= 10_000:
+            raise SkdcgnError(f"n_classes: {self.n_classes} is outside [2, 10000]")
+        if not 1 <= self.in_channels <= 16:
+            raise SkdcgnError(f"in_channels: {self.in_channels} is outside [1, 16]")
+        if not 25 <= self.image_size <= 64:  # the cgn net's 7 × 7 pool needs a ≥ 7 × 7 map
+            raise SkdcgnError(f"image_size: {self.image_size} is outside [25, 64]")
+
+
+def _cgn_feature_size(s: int) -> int:
+    s = (s - 1) // 2 + 1  # max-pool 3, stride 2, pad 1: 32 → 16
+    s = (s - 1) // 2 + 1  # conv 3, stride 2, pad 1: 16 → 8
+    return (s - 7) // 7 + 1  # avg-pool 7, stride 7: 8 → 1
+
+
+@register
+class Classifier(PretrainedModel):
+    Config = ClassifierNetConfig
+
+    def __init__(self, config: ClassifierNetConfig) -> None:
+        config.validate()
+        super().__init__(config)
+        c, s, k = config.in_channels, config.image_size, config.n_classes
+        if config.arch == "cgn":
+            f = _cgn_feature_size(s)
+            self.features = nn.Sequential(
+                nn.BatchNorm2d(c),
+                nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(inplace=True),             # [32, 32, 32]
+                nn.MaxPool2d(3, stride=2, padding=1),                               # [32, 16, 16]
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),            # [32, 16, 16]
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),  # [64, 8, 8]
+                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),            # [64, 8, 8]
+                nn.AvgPool2d(7),                                                    # [64, 1, 1]
+                nn.Flatten(),                                                       # [64]
+            )
+            self.head = nn.Linear(64 * f * f, k)
+        else:
+            f = (s - 4) // 2  # two valid 3 × 3 convs, then max-pool 2: 32 → 30 → 28 → 14
+            self.features = nn.Sequential(
+                nn.Conv2d(c, 32, 3), nn.ReLU(inplace=True),   # [32, 30, 30]
+                nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),  # [64, 28, 28]
+                nn.MaxPool2d(2),                              # [64, 14, 14]
+                nn.Dropout(0.25),
+                nn.Flatten(),                                 # [12544]
+            )
+            self.head = nn.Sequential(
+                nn.Linear(64 * f * f, 128), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(128, k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [N, C, H, W] in [-1, 1] → logits [N, n_classes]."""
+        c, s = self.config.in_channels, self.config.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise SkdcgnError(f"classifier input: expected [N, {c}, {s}, {s}], got {list(x.shape)}")
+        return self.head(self.features(x))
