@@ -1,0 +1,484 @@
+"""Train a new CGN-MNIST teacher on an MNIST variant (the CGN objective, seeded, resumable).
+
+The objective (Sauer & Geiger 2021, MNIST setting), per generator step on a batch of real images
+x with labels y; the generator draws one composite per real image, *of the same class*:
+
+    m, f, b = shape(u1, y), shift(foreground(u2, y)), shift(background(u3, y));  x̂ = m·f + (1 − m)·b
+    L_G = λ_adv · ½(D(x̂, y) − 1)²                      LSGAN, class-conditional discriminator
+        + λ_bin · mean H(m)                            binary entropy: mask pixels towards 0 or 1
+        + λ_prior · relu(lo − m̄)² + relu(m̄ − hi)²      mask-size prior on each image's mean m̄
+        + λ_tex · patch-statistics loss(x̂, x | y)       texture term (below)
+    L_D = ½(D(x, y) − 1)² + ½ D(x̂, y)²
+
+`shift` is the seeded random circular shift of the CGN tile-and-crop step: it destroys the
+position of whatever a texture mechanism draws, so only the shape mechanism can place a digit.
+
+Texture term. The CGN authors use Gram matrices of ImageNet VGG features; no pretrained
+ImageNet network is available offline here. We use the statistics (channel means and Gram
+matrices) of a *fixed, random* two-layer conv filter bank plus the raw pixels, computed on
+composites and real images and averaged per class. Justification: random shallow conv features
+are known to suffice for texture statistics (Ustyuzhaninov et al., "What does it take to generate
+natural textures?", ICLR 2017); they need no training, no data and no download, are rebuilt
+bit-identically from a seed, and cost a few MFLOPs per image. Averaging per class over the batch
+(the composites share the real batch's labels) compares like with like: the term pulls each
+class's colour and texture statistics towards the real ones without tying a composite to the
+layout of one particular real digit, and the Gram matrices are translation invariant anyway.
+
+BatchNorm. The mechanisms train in train mode (batch statistics), as in the original code, but
+teachers are used in eval mode (running statistics). Before export, the running statistics are
+recalibrated as exact population averages over fresh batches of uniform classes
+(`recalibrate_batchnorm`); grids written during training use the current running statistics,
+i.e. show what eval mode gives at that step.
+
+Reproducibility. All randomness comes from explicit generators: weight init from
+`seed`, the data order from a per-epoch permutation that is a pure function of (seed, epoch), and
+noise, texture shifts and dropout from one generator whose state is checkpointed. On the CPU a
+resumed run is bitwise identical to an uninterrupted one.
+
+Layout of `run_dir/teacher/`: the CGN (`cgn.json`, `shape/`, `foreground/`, `background/`),
+`grid.png` + `grid_mechanisms.png` (eval mode), `train/` (checkpoint.pt and its previous copy,
+losses.csv, samples/step_NNNNNN.png, config.json) and, written last, `manifest.json`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .compose import compose
+from .config import config_from_dict, resolve_device
+from .errors import SkdcgnError
+from .io import MANIFEST, atomic_path, stage_complete, write_json, write_manifest
+from .models.cgn import CGN
+from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
+from .models.cgn_mnist import teacher_mechanisms
+
+VARIANTS = ("colored", "double_colored", "wildlife")
+STAGE = "teacher"
+LOSS_COLUMNS = ("step", "seconds", "loss_d", "d_real", "d_fake", "adv", "binary", "mask_prior", "texture", "mask_mean")
+# Fields that may change between a checkpoint and its resumption (they do not alter the math).
+RESUMABLE_FIELDS = ("steps", "sample_every", "checkpoint_every", "log_every", "device", "threads")
+
+
+@dataclasses.dataclass
+class TeacherTrainConfig:
+    steps: int = 1000  # generator (and discriminator) updates
+    batch_size: int = 16
+    lr: float = 2e-4  # Adam, generator and discriminator
+    beta1: float = 0.5
+    beta2: float = 0.999
+    adv_weight: float = 1.0  # λ_adv: LSGAN generator loss
+    binary_weight: float = 0.3  # λ_bin: binary entropy of the mask (CGN-MNIST: 0.3)
+    mask_prior_weight: float = 5.0  # λ_prior: hinge on each image's mean mask
+    mask_min: float = 0.1  # mask-size prior bounds (binarised MNIST digits cover 9-33% of 32×32)
+    mask_max: float = 0.35
+    texture_weight: float = 1.0  # λ_tex: per-class patch statistics of random conv features
+    disc: str = "auto"  # linear | conv | auto (conv for wildlife, linear otherwise, as in CGN)
+    ndf: int = 0  # discriminator width; 0: 512 (linear) or 32 (conv)
+    ngf: int = 32  # teacher width (32 = the released teachers' architecture)
+    init_gain: float = 0.2  # orthogonal init gain of the mechanisms (CGN-MNIST: 0.2)
+    seed: int = 0  # weights, data order, noise
+    data_seed: int = 0  # seed of the variant's build (colour jitter, texture crops)
+    sample_every: int = 250  # grid of samples every N steps (0: never)
+    checkpoint_every: int = 250  # resumable checkpoint every N steps (and always at the end)
+    log_every: int = 25  # a row of losses.csv every N steps
+    bn_recalibration_batches: int = 10  # batches of 256 for the final BatchNorm statistics
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads for this run; 0: leave PyTorch's default
+
+    def validate(self) -> None:
+        ints = {"steps": (1, 10**8), "batch_size": (2, 65536), "ndf": (0, 4096), "ngf": (1, 1024),
+                "seed": (0, 2**62), "data_seed": (0, 2**62), "sample_every": (0, 10**8),
+                "checkpoint_every": (0, 10**8), "log_every": (1, 10**8), "bn_recalibration_batches": (0, 10**6), "threads": (0, 1024)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SkdcgnError(f"{name}: {v!r} is not an integer in [{lo}, {hi}]")
+        floats = {"lr": (1e-8, 1.0), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.999999), "adv_weight": (0.0, 1e6),
+                  "binary_weight": (0.0, 1e6), "mask_prior_weight": (0.0, 1e6), "texture_weight": (0.0, 1e6),
+                  "mask_min": (0.0, 1.0), "mask_max": (0.0, 1.0), "init_gain": (1e-6, 10.0)}
+        for name, (lo, hi) in floats.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise SkdcgnError(f"{name}: {v!r} is not a number in [{lo}, {hi}]")
+        if self.mask_min >= self.mask_max:
+            raise SkdcgnError(f"mask_min ({self.mask_min}) must be below mask_max ({self.mask_max})")
+        if self.disc not in ("auto", "linear", "conv"):
+            raise SkdcgnError(f"disc: {self.disc!r} is not one of auto, linear, conv")
+        if self.adv_weight == 0:
+            raise SkdcgnError("adv_weight: must be positive (the adversarial loss is what makes digits)")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few minutes on a 2-core CPU: recognisable digits with class-tied colours (see docs).
+    # Batch 16 as in CGN: at a fixed CPU budget, more small steps beat fewer large ones.
+    "quick": {"steps": 1000, "batch_size": 16, "sample_every": 250, "checkpoint_every": 250},
+    # The CGN paper's MNIST setting: batch 16, 15 epochs of the 50k training images.
+    "full": {"steps": 46_875, "batch_size": 16, "sample_every": 4000, "checkpoint_every": 2000, "log_every": 100},
+}
+
+
+def preset_config(name: str = "quick", **overrides: Any) -> TeacherTrainConfig:
+    """A preset's config with `overrides` applied (validated: bad values are a one-line error)."""
+    if name not in PRESETS:
+        raise SkdcgnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return config_from_dict(TeacherTrainConfig, {**PRESETS[name], **overrides}, f"preset {name}")
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+def binary_entropy(mask: Tensor) -> Tensor:
+    """Mean binary entropy of mask pixels (0 at 0 or 1, log 2 at 0.5): pushes masks to 0/1."""
+    m = mask.clamp(1e-6, 1 - 1e-6)
+    return -(m * m.log() + (1 - m) * (1 - m).log()).mean()
+
+
+def mask_size_prior(mask: Tensor, lo: float, hi: float) -> Tensor:
+    """Squared hinge on each image's mean mask outside [lo, hi]; zero inside."""
+    area = mask.flatten(1).mean(1)  # [N]
+    return (F.relu(lo - area) ** 2 + F.relu(area - hi) ** 2).mean()
+
+
+class PatchStatistics(nn.Module):
+    """Per-class channel means and Gram matrices of pixels and of a fixed random conv filter bank.
+
+    Layers: pixels [3, 32, 32] → conv 3×3 (3 → 32) + ReLU [32, 32, 32] → avg-pool 2 → conv 3×3
+    (32 → 64) + ReLU [64, 16, 16]. Filters are zero-mean, unit-variance Gaussians scaled by
+    1/sqrt(fan-in), drawn from `seed`; they are buffers, never trained.
+    """
+
+    def __init__(self, seed: int = 0, widths: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w1 = torch.randn(widths[0], 3, 3, 3, generator=g)
+        w2 = torch.randn(widths[1], widths[0], 3, 3, generator=g)
+        self.register_buffer("w1", (w1 - w1.mean((1, 2, 3), keepdim=True)) / math.sqrt(3 * 9), persistent=False)
+        self.register_buffer("w2", (w2 - w2.mean((1, 2, 3), keepdim=True)) / math.sqrt(widths[0] * 9), persistent=False)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        h1 = F.relu(F.conv2d(x, self.w1, padding=1))                   # [N, 32, 32, 32]
+        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), self.w2, padding=1))  # [N, 64, 16, 16]
+        return [x, h1, h2]
+
+    @staticmethod
+    def _stats(f: Tensor) -> tuple[Tensor, Tensor]:
+        flat = f.flatten(2)                                             # [N, C, HW]
+        return flat.mean(2), flat @ flat.transpose(1, 2) / flat.shape[2]  # [N, C], [N, C, C]
+
+    def forward(self, fake: Tensor, real: Tensor, y: Tensor, n_classes: int) -> Tensor:
+        """Squared distance of per-class feature statistics, summed over layers, mean over classes."""
+        onehot = F.one_hot(y, n_classes).to(fake.dtype)               # [N, K]
+        count = onehot.sum(0)                                           # [K]
+        present = count > 0
+        weight = (onehot / count.clamp(min=1)).t()[present]            # [K', N]: per-class mean
+        with torch.no_grad():
+            real_feats = self.features(real)
+        loss = fake.new_zeros(())
+        for ff, fr in zip(self.features(fake), real_feats):
+            for sf, sr in zip(self._stats(ff), self._stats(fr)):
+                cf, cr = weight @ sf.flatten(1), weight @ sr.flatten(1)  # [K', D]
+                loss = loss + (cf - cr).pow(2).mean()
+        return loss
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+def _init_mechanisms(cgn: CGN, gain: float, generator: torch.Generator) -> None:
+    """CGN-MNIST init: orthogonal conv/linear weights (gain), zero biases, BN weights ~ N(1, 0.02)."""
+    with torch.no_grad():
+        for mod in cgn.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(mod.weight, gain, generator=generator)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.normal_(mod.weight, 1.0, 0.02, generator=generator)
+                mod.bias.zero_()
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, 1.0, generator=generator)
+
+
+def build_models(variant: str, config: TeacherTrainConfig) -> tuple[CGN, CGNDiscriminator]:
+    """A fresh CGN (three teacher mechanisms, shared embedding) and its discriminator, seeded."""
+    kind = config.disc if config.disc != "auto" else ("conv" if variant == "wildlife" else "linear")
+    ndf = config.ndf or (32 if kind == "conv" else 512)
+    # Default initialisers use the global RNG: fork it so the caller's RNG state is left as found.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        cgn = CGN(**teacher_mechanisms(ngf=config.ngf))
+        disc = CGNDiscriminator(DiscriminatorConfig(kind=kind, ndf=ndf))
+    _init_mechanisms(cgn, config.init_gain, torch.Generator().manual_seed(config.seed))
+    return cgn, disc
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(cgn: CGN, batches: int, batch_size: int = 256, seed: int = 0) -> CGN:
+    """Set every BatchNorm's running statistics to the exact average over `batches` fresh batches
+    of uniform classes (train-mode forward passes, no gradient), then switch to eval mode."""
+    bns = [m for m in cgn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not bns:
+        return cgn.eval()
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: the exact mean over the batches seen
+    cgn.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        y = torch.randint(0, cgn.n_classes, (batch_size,), generator=g)
+        for name in ("shape", "foreground", "background"):
+            cgn.run_mechanism(name, y, g)
+    for bn, momentum in zip(bns, saved):
+        bn.momentum = momentum
+    return cgn.eval()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def load_train_set(variant: str, data_seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The variant's label-tied training split: (uint8 or float images [N, 3, 32, 32], labels [N])."""
+    from .data import variants
+
+    loader = getattr(variants, "load_variant_uint8", None) or variants.load_variant  # uint8: 4× less memory
+    return loader(variant, "train", seed=data_seed)
+
+
+def _as_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] → [-1, 1] exactly as the data package does; float images pass through."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of the batch at `step`: epochs are permutations that depend only on (seed, epoch),
+    so resuming needs no data-loader state. The tail of a permutation that does not fill a batch
+    is dropped."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically write `state`; the previous checkpoint is kept as `<name>.prev`."""
+    if path.exists():
+        os.replace(path, path.with_suffix(".prev.pt"))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    """The newest readable checkpoint (weights_only: plain tensors and containers, never code)."""
+    candidates = [p for p in (path, path.with_suffix(".prev.pt")) if p.is_file()]
+    errors = []
+    for p in candidates:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: try the older copy
+            errors.append(f"{p.name}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+            continue
+        if isinstance(state, dict) and {"step", "config", "cgn", "disc", "opt_g", "opt_d", "rng"} <= set(state):
+            return state
+        errors.append(f"{p.name}: not a teacher-training checkpoint")
+    if errors:
+        raise SkdcgnError(f"{path.parent}: no usable checkpoint ({'; '.join(errors)}); delete it to start over")
+    return None
+
+
+def _check_resumable(saved: dict, current: dict, variant: str, saved_variant: str, where: Path) -> None:
+    if saved_variant != variant:
+        raise SkdcgnError(f"{where}: checkpoint was trained on {saved_variant!r}, not {variant!r}; use another run dir")
+    for k, v in current.items():
+        if k not in RESUMABLE_FIELDS and saved.get(k) != v:
+            raise SkdcgnError(f"{where}: checkpoint has {k}={saved.get(k)!r}, this run asks for {v!r}; "
+                              "use another run dir or the same settings")
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def _stage_config(variant: str, config: TeacherTrainConfig) -> dict:
+    cfg = dataclasses.asdict(config)
+    for k in ("device", "threads"):
+        cfg.pop(k)  # results do not depend on where they were computed (up to float noise)
+    return {"variant": variant, **cfg}
+
+
+def _write_grids(cgn: CGN, folder: Path, stem: str) -> None:
+    from .commands.teacher import counterfactual_grids
+    from .grids import save_png, stack_grids
+
+    was_training = cgn.training
+    cf, mech = counterfactual_grids(cgn.eval(), seed=0)
+    cgn.train(was_training)
+    if stem == "grid":
+        save_png(cf, folder / "grid.png")
+        save_png(mech, folder / "grid_mechanisms.png")
+    else:
+        save_png(stack_grids([cf, mech]), folder / f"{stem}.png")
+
+
+def _trim_csv(path: Path, last_step: int) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step] if rows else []
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+
+def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None = None,
+                  progress: bool = True, on_step: Callable[[int], None] | None = None) -> CGN:
+    """Train a CGN teacher on `variant`'s training split; returns it (eval mode).
+
+    Writes `run_dir/teacher/` (see the module doc). A complete stage with the same config is not
+    retrained; an interrupted one resumes from its last checkpoint. `on_step(step)` is called
+    after each completed step (tests use it to interrupt a run).
+    """
+    from tqdm import tqdm
+
+    config = config or preset_config("quick")
+    config.validate()
+    if variant not in VARIANTS:
+        raise SkdcgnError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    stage_dir = Path(run_dir) / STAGE
+    train_dir = stage_dir / "train"
+    stage_cfg = _stage_config(variant, config)
+    if stage_complete(stage_dir, stage_cfg):
+        print(f"{stage_dir}: already trained with this config; skipping")
+        return _load_teacher(stage_dir)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    images, labels = load_train_set(variant, config.data_seed)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32) or labels.shape != (images.shape[0],):
+        raise SkdcgnError(f"{variant}: expected images [N, 3, 32, 32] and labels [N], got {list(images.shape)}, {list(labels.shape)}")
+    if images.shape[0] < config.batch_size:
+        raise SkdcgnError(f"batch_size: {config.batch_size} exceeds the {images.shape[0]} training images")
+
+    cgn, disc = build_models(variant, config)
+    cgn.to(device).train()
+    disc.to(device).train()
+    opt_g = torch.optim.Adam(cgn.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
+    stats = PatchStatistics(seed=config.seed).to(device)
+    gen = torch.Generator().manual_seed(config.seed + 1)  # noise, texture shifts, dropout (CPU)
+
+    # Resume, or start afresh. Any manifest goes first: the stage is incomplete until the end.
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    ckpt_path = train_dir / "checkpoint.pt"
+    csv_path = train_dir / "losses.csv"
+    step = 0
+    saved = _load_checkpoint(ckpt_path)
+    if saved is not None:
+        _check_resumable(saved["config"], dataclasses.asdict(config), variant, saved.get("variant"), ckpt_path)
+        cgn.load_state_dict(saved["cgn"])
+        disc.load_state_dict(saved["disc"])
+        opt_g.load_state_dict(saved["opt_g"])
+        opt_d.load_state_dict(saved["opt_d"])
+        gen.set_state(saved["rng"])
+        step = int(saved["step"])
+        if step > config.steps:
+            raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
+        _trim_csv(csv_path, step)
+        print(f"resuming {stage_dir} from step {step}")
+    elif csv_path.exists():
+        csv_path.unlink()  # losses of a run whose checkpoint is gone
+    write_json(train_dir / "config.json", {"variant": variant, **dataclasses.asdict(config)})
+
+    def checkpoint() -> None:
+        _save_checkpoint(ckpt_path, {
+            "step": step, "variant": variant, "config": dataclasses.asdict(config),
+            "cgn": cgn.state_dict(), "disc": disc.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": gen.get_state(),
+        })
+
+    new_csv = not csv_path.exists()
+    csv_file = open(csv_path, "a", newline="")
+    writer = csv.writer(csv_file)
+    if new_csv:
+        writer.writerow(LOSS_COLUMNS)
+    n, k = images.shape[0], cgn.n_classes
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"teacher {variant}", unit="step")
+    try:
+        while step < config.steps:
+            idx = batch_indices(step, n, config.batch_size, config.seed)
+            x_real = _as_float(images[idx]).to(device)  # [B, 3, 32, 32]
+            y = labels[idx].to(device)                  # [B]
+
+            # generator: composites of the real batch's classes
+            mask = cgn.run_mechanism("shape", y, gen)       # [B, 1, 32, 32]
+            fg = cgn.run_mechanism("foreground", y, gen)    # [B, 3, 32, 32], shifted
+            bg = cgn.run_mechanism("background", y, gen)
+            x_fake = compose(mask, fg, bg)
+            d_out = disc(x_fake, y, gen)
+            l_adv = 0.5 * (d_out - 1).pow(2).mean()
+            l_bin = binary_entropy(mask)
+            l_prior = mask_size_prior(mask, config.mask_min, config.mask_max)
+            l_tex = stats(x_fake, x_real, y, k) if config.texture_weight > 0 else x_fake.new_zeros(())
+            loss_g = (config.adv_weight * l_adv + config.binary_weight * l_bin
+                      + config.mask_prior_weight * l_prior + config.texture_weight * l_tex)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            # discriminator
+            d_real = disc(x_real, y, gen)
+            d_fake = disc(x_fake.detach(), y, gen)
+            loss_d = 0.5 * ((d_real - 1).pow(2).mean() + d_fake.pow(2).mean())
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            step += 1
+
+            if not torch.isfinite(loss_g) or not torch.isfinite(loss_d):
+                raise SkdcgnError(f"training diverged at step {step} (loss_g {loss_g.item()}, loss_d {loss_d.item()}); "
+                                  "try a smaller lr or another seed")
+            if step % config.log_every == 0 or step == config.steps:
+                row = {"step": step, "seconds": round(time.perf_counter() - t0, 2), "loss_d": loss_d.item(),
+                       "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), "adv": l_adv.item(),
+                       "binary": l_bin.item(), "mask_prior": l_prior.item(), "texture": l_tex.item(),
+                       "mask_mean": mask.mean().item()}
+                writer.writerow([row[c] if isinstance(row[c], int) else f"{row[c]:.5g}" for c in LOSS_COLUMNS])
+                csv_file.flush()
+                bar.set_postfix(d=f"{row['loss_d']:.3f}", adv=f"{row['adv']:.3f}", tex=f"{row['texture']:.3f}",
+                                m=f"{row['mask_mean']:.2f}", refresh=False)
+            bar.update(1)
+            if config.sample_every and step % config.sample_every == 0:
+                _write_grids(cgn, train_dir / "samples", f"step_{step:06d}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoint()
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+        csv_file.close()
+    checkpoint()  # the final state: a later run with more steps continues from here
+    train_seconds = time.perf_counter() - t0
+
+    # Export: eval-mode teacher with recalibrated BatchNorm statistics, grids, manifest last.
+    teacher = recalibrate_batchnorm(copy.deepcopy(cgn).cpu(), config.bn_recalibration_batches, seed=config.seed + 2)
+    teacher.save_pretrained(stage_dir)
+    _write_grids(teacher, stage_dir, "grid")
+    write_manifest(stage_dir, stage_cfg, steps_done=step, train_seconds_this_session=round(train_seconds, 1),
+                   parameters=teacher.get_num_params(), discriminator=dataclasses.asdict(disc.config))
+    return _load_teacher(stage_dir)
+
+
+def _load_teacher(stage_dir: Path) -> CGN:
+    with torch.random.fork_rng(devices=[]):  # model constructors draw default inits from the global RNG
+        return CGN.from_pretrained(stage_dir)
