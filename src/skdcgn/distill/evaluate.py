@@ -1,0 +1,122 @@
+"""After distillation: students vs teacher on held-out (u, y), side-by-side grids, speed.
+
+Writes `runs/NAME/distill/eval.json` (merged with earlier entries) and
+`compare_<mechanism>.png` / `compare_composite.png` (teacher left, student right, same inputs;
+composites with the same noise and the same texture-shift seed).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..grids import image_grid, save_png, stack_grids
+from ..io import read_json, write_json
+from ..models.cgn import CGN, MECHANISMS
+from ..models.pretrained import load_model
+
+EVAL_FILE = "eval.json"
+
+
+def mask_iou(a: Tensor, b: Tensor, threshold: float = 0.5) -> Tensor:
+    """Per-image IoU of two masks thresholded at `threshold` ([N, 1, H, W] -> [N]); empty ∪ counts as 1."""
+    a, b = (a > threshold).flatten(1), (b > threshold).flatten(1)
+    inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@torch.no_grad()
+def compare_mechanism(teacher: nn.Module, student: nn.Module, name: str, n: int, seed: int,
+                      batch_size: int = 500) -> dict[str, float]:
+    """Held-out errors of a student against the teacher for the same (u, y)."""
+    device = next(student.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, student.config.n_classes, (n,), generator=g)
+    u = torch.randn(n, student.config.latent_dim, generator=g)
+    l1, iou = [], []
+    for s in range(0, n, batch_size):
+        ub, yb = u[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+        t, o = teacher(ub, yb).float().cpu(), student(ub, yb).float().cpu()
+        l1.append((t - o).abs().flatten(1).mean(1))
+        if name == "shape":
+            iou.append(mask_iou(t, o))
+    out = {"l1": torch.cat(l1).mean().item(), "n": n, "seed": seed}
+    if iou:
+        out["iou@0.5"] = torch.cat(iou).mean().item()
+    return out
+
+
+@torch.no_grad()
+def composites_per_second(cgn: CGN, batch_size: int = 256, repeats: int = 5) -> float:
+    """Best-of-`repeats` composites per second of `cgn.sample` (noise, three mechanisms, shift, compose)."""
+    y = torch.arange(batch_size) % cgn.n_classes
+    g = torch.Generator().manual_seed(0)
+    cgn.sample(y, generator=g)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        cgn.sample(y, generator=g)
+        if cgn.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return batch_size / best
+
+
+@torch.no_grad()
+def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config, mechanisms=MECHANISMS,
+                          timings: dict | None = None) -> dict:
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "distill"
+    path = out_dir / EVAL_FILE
+    result = read_json(path) if path.is_file() else {}
+    result.setdefault("mechanisms", {})
+    device = teacher_cgn.device
+    teacher = teacher_cgn.mechanisms()
+    students = {}
+    for m in MECHANISMS:
+        folder = out_dir / "students" / m
+        if (folder / "config.json").is_file():
+            students[m] = load_model(folder).to(device).eval()
+    n_classes = teacher_cgn.n_classes
+    y_grid = torch.arange(2 * n_classes) % n_classes  # two samples per class
+    for m in mechanisms:
+        s = students[m]
+        entry = compare_mechanism(teacher[m], s, m, config.n_eval, config.eval_seed)
+        entry["params"] = s.get_num_params()
+        entry["teacher_params"] = teacher[m].get_num_params()
+        if timings and m in timings:
+            entry.update(timings[m])
+        result["mechanisms"][m] = entry
+        g = torch.Generator().manual_seed(config.eval_seed)
+        u = torch.randn(len(y_grid), s.config.latent_dim, generator=g).to(device)
+        t_img, s_img = teacher[m](u, y_grid.to(device)), s(u, y_grid.to(device))
+        save_png(stack_grids([image_grid(t_img, n_classes, title=f"teacher {m}"),
+                              image_grid(s_img, n_classes, title=f"student {m}")]), out_dir / f"compare_{m}.png")
+    if len(students) == len(MECHANISMS):
+        student_cgn = CGN(*(students[m] for m in MECHANISMS)).eval()
+        n, l1 = config.n_eval, []
+        g_t, g_s = torch.Generator().manual_seed(config.eval_seed), torch.Generator().manual_seed(config.eval_seed)
+        y = torch.arange(n) % n_classes
+        for s in range(0, n, 500):
+            x_t = teacher_cgn.sample(y[s:s + 500], generator=g_t)[3].cpu()
+            x_s = student_cgn.sample(y[s:s + 500], generator=g_s)[3].cpu()
+            l1.append((x_t - x_s).abs().flatten(1).mean(1))
+        grid_y = torch.arange(3 * n_classes) % n_classes
+        x_t = teacher_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]
+        x_s = student_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]
+        save_png(stack_grids([image_grid(x_t, n_classes, title="teacher composites"),
+                              image_grid(x_s, n_classes, title="student composites")]), out_dir / "compare_composite.png")
+        result["composite"] = {
+            "l1": torch.cat(l1).mean().item(), "n": n, "seed": config.eval_seed,
+            "params": {"teacher": teacher_cgn.get_num_params(), "students": student_cgn.get_num_params()},
+        }
+        if config.benchmark:
+            speed_t, speed_s = composites_per_second(teacher_cgn), composites_per_second(student_cgn)
+            result["composite"]["composites_per_s"] = {
+                "teacher": round(speed_t, 1), "students": round(speed_s, 1), "speedup": round(speed_s / speed_t, 2),
+                "batch_size": 256, "device": str(device), "threads": torch.get_num_threads(),
+                "note": "best of 5 batches, same process; noisy on a shared machine"}
+    write_json(path, result)
+    return result

@@ -1,0 +1,98 @@
+"""The TinyGAN distillation objective, behind one interface so the training loop stays generic.
+
+For a batch of teacher inputs (u, y) and the teacher's outputs `real` for them:
+
+- pixel: the student's output vs the teacher's for the *same* (u, y). Textures: L1. Masks: binary
+  cross-entropy on the student's logits (default) or L1. The teacher's masks are nearly binary
+  (~93% of pixels at 1e-4 or 0.9999), so they behave like per-pixel targets of a classifier; BCE
+  on logits has the gradient (p − t), which does not vanish where the sigmoid saturates on the
+  wrong side (L1's gradient through a saturated sigmoid does), and it sharpens edges.
+- adversarial (hinge): a projection discriminator D sees teacher outputs as real and student
+  outputs as fake; D minimises E[relu(1 − D(real))] + E[relu(1 + D(fake))], the student −E[D(fake)].
+- feature matching: L1 between D's intermediate activations for the student's and the
+  teacher's output of the same (u, y) (TinyGAN's "feature-level distillation").
+
+A weight of 0 switches a term off; with adversarial and feature-matching weights both 0, no
+discriminator is built or trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SkdcgnError
+
+PIXEL_LOSSES = ("l1", "bce")
+
+
+@dataclasses.dataclass
+class LossWeights:
+    pixel: float = 1.0
+    adversarial: float = 0.01
+    feature_matching: float = 0.1
+    mask_loss: str = "bce"  # for the shape mechanism: bce | l1 (textures always use L1)
+
+    def validate(self) -> None:
+        for name in ("pixel", "adversarial", "feature_matching"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1e4:
+                raise SkdcgnError(f"{name}_weight: {v} is outside [0, 10000]")
+        if self.mask_loss not in PIXEL_LOSSES:
+            raise SkdcgnError(f"mask_loss: {self.mask_loss!r} is not one of {', '.join(PIXEL_LOSSES)}")
+        if self.pixel == self.adversarial == self.feature_matching == 0:
+            raise SkdcgnError("pixel_weight: all loss weights are 0; nothing to learn")
+
+
+class DistillLoss:
+    """`discriminator_loss` and `generator_loss` for one mechanism; each returns (loss, logs)."""
+
+    def __init__(self, weights: LossWeights, is_mask: bool) -> None:
+        weights.validate()
+        self.w = weights
+        self.is_mask = is_mask
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.w.adversarial > 0 or self.w.feature_matching > 0
+
+    def discriminator_loss(self, disc: nn.Module, real: Tensor, fake: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Hinge loss; `fake` must be detached from the student's graph."""
+        logits_real, _ = disc(real, y)
+        logits_fake, _ = disc(fake, y)
+        loss_real = F.relu(1.0 - logits_real).mean()
+        loss_fake = F.relu(1.0 + logits_fake).mean()
+        loss = loss_real + loss_fake
+        return loss, {"d_loss": loss.item(), "d_real": logits_real.mean().item(), "d_fake": logits_fake.mean().item()}
+
+    def generator_loss(self, disc: nn.Module | None, logits: Tensor, fake: Tensor, real: Tensor,
+                       y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The student's loss: `logits` before the output activation, `fake` = activation(logits).
+
+        With `disc` None only the pixel term is used (the trainer's pixel-only warm-up phase).
+        """
+        logs: dict[str, float] = {}
+        total = torch.zeros((), device=fake.device)
+        if self.w.pixel > 0:
+            if self.is_mask and self.w.mask_loss == "bce":
+                pixel = F.binary_cross_entropy_with_logits(logits.float(), real.float())
+            else:
+                pixel = F.l1_loss(fake.float(), real.float())
+            total = total + self.w.pixel * pixel
+            logs["pixel"] = pixel.item()
+        if self.uses_discriminator and disc is not None:  # None: a pixel-only phase
+            logits_fake, feats_fake = disc(fake, y)
+            if self.w.adversarial > 0:
+                adv = -logits_fake.float().mean()
+                total = total + self.w.adversarial * adv
+                logs["adv"] = adv.item()
+            if self.w.feature_matching > 0:
+                with torch.no_grad():
+                    _, feats_real = disc(real, y)
+                fm = sum(F.l1_loss(a.float(), b.float()) for a, b in zip(feats_fake, feats_real)) / len(feats_fake)
+                total = total + self.w.feature_matching * fm
+                logs["fm"] = float(fm.detach())
+        logs["g_loss"] = total.item()
+        return total, logs

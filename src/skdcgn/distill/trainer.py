@@ -1,0 +1,323 @@
+"""Distil each mechanism of a CGN teacher into a student: transfer set -> training -> evaluation.
+
+    distill(teacher_cgn, ["shape", "foreground", "background"], "runs/NAME", DistillConfig())
+
+writes, per mechanism m,
+
+    runs/NAME/transfer/m/                     shards + manifest.json (see query.py)
+    runs/NAME/distill/students/m/             config.json + model.safetensors + manifest.json,
+                                              checkpoint.pt, losses.csv, samples/step_*.png
+    runs/NAME/distill/eval.json, compare_*.png
+
+Each stage is skipped when its manifest matches the config, and resumes from its checkpoint
+when interrupted. Resume is exact: the checkpoint holds the weights of student, discriminator
+and EMA, both optimizers, the step and the loss log; the data order and every random draw are
+pure functions of (seed, step), so on CPU a resumed run ends with bitwise the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import io
+import math
+import os
+import pickle
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..config import config_from_dict, resolve_device
+from ..errors import SkdcgnError
+from ..grids import image_grid, save_png, stack_grids
+from ..io import config_hash, finite_float, stage_complete, write_bytes, write_manifest
+from ..models.cgn import MECHANISMS
+from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
+from ..models.pretrained import load_model
+from ..models.students import StudentConfig, StudentGenerator, make_student
+from .losses import DistillLoss, LossWeights
+from .query import TransferSet, derive_seed, query_teacher
+
+CHECKPOINT = "checkpoint.pt"
+LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    # transfer set
+    n_transfer: int = 20_000  # teacher queries per mechanism
+    shard_size: int = 5_000
+    u_dtype: str = "float32"  # how u is stored: float32 | float16
+    # student and discriminator
+    student_widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8, 16 px
+    student_extra_blocks: int = 1
+    student_embed_dim: int = 16
+    disc_widths: tuple[int, ...] = (8, 16, 32)
+    # optimisation (TinyGAN: Adam, betas (0, 0.9))
+    steps: int = 3_000  # training steps of the shape student
+    texture_steps: int = 1_500  # of each texture student (their mapping is simpler); 0: same as steps
+    batch_size: int = 64
+    lr_g: float = 2e-3
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    cosine_decay: bool = True  # learning rates decay to 0 along a cosine
+    ema_decay: float = 0.0  # 0 = no EMA copy of the student
+    # loss weights (0 switches a term off; see losses.py)
+    pixel_weight: float = 1.0
+    adversarial_weight: float = 0.01
+    feature_matching_weight: float = 0.1
+    mask_loss: str = "bce"  # bce | l1
+    adv_start: float = 0.75  # fraction of the steps trained on the pixel loss alone before D joins (0: from the start)
+    # bookkeeping
+    seed: int = 0
+    eval_seed: int = 1_000_003  # held-out (u, y) for evaluation, never in a transfer set
+    n_eval: int = 2_000
+    log_interval: int = 50
+    sample_interval: int = 500
+    checkpoint_interval: int = 200
+    benchmark: bool = True  # measure composites/s of teacher and students after distilling
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    threads: int = 0  # CPU threads for torch (0: leave torch's setting); 1 is fastest on a crowded machine
+    bf16: bool = False  # bf16 autocast (CUDA only)
+
+    def validate(self) -> None:
+        for name, lo, hi in (("n_transfer", 1, 10_000_000), ("shard_size", 1, 10_000_000), ("steps", 1, 10_000_000),
+                             ("batch_size", 1, 65_536), ("n_eval", 1, 1_000_000), ("log_interval", 1, 10_000_000),
+                             ("sample_interval", 1, 10_000_000), ("checkpoint_interval", 1, 10_000_000),
+                             ("student_extra_blocks", 0, 16), ("threads", 0, 1024), ("texture_steps", 0, 10_000_000), ("student_embed_dim", 1, 4096), ("seed", 0, 2**62),
+                             ("eval_seed", 0, 2**62)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise SkdcgnError(f"{name}: {v} is outside [{lo}, {hi}]")
+        for name in ("lr_g", "lr_d"):
+            finite_float(name, getattr(self, name), 0.0, 1.0)
+        for name in ("beta1", "beta2", "ema_decay", "adv_start"):
+            v = finite_float(name, getattr(self, name), 0.0, 1.0)
+            if name in ("beta2", "ema_decay") and v >= 1.0:
+                raise SkdcgnError(f"{name}: {v} must be below 1")
+        if self.u_dtype not in ("float32", "float16"):
+            raise SkdcgnError(f"u_dtype: {self.u_dtype!r} is not one of float32, float16")
+        if self.batch_size > self.n_transfer:
+            raise SkdcgnError(f"batch_size: {self.batch_size} is larger than n_transfer ({self.n_transfer})")
+        self.loss_weights().validate()
+        self.student_config("shape").validate()
+        DiscriminatorConfig(1, 10, tuple(self.disc_widths)).validate()
+        if self.bf16 and not self.device.startswith(("cuda", "auto")):
+            raise SkdcgnError("bf16: autocast is only used on CUDA; set device to auto or cuda")
+
+    def steps_for(self, mechanism: str) -> int:
+        return self.texture_steps if mechanism != "shape" and self.texture_steps > 0 else self.steps
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.pixel_weight, self.adversarial_weight, self.feature_matching_weight, self.mask_loss)
+
+    def student_config(self, mechanism: str, n_classes: int = 10, latent_dim: int = 32) -> StudentConfig:
+        cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim,
+                            embed_dim=self.student_embed_dim, widths=tuple(self.student_widths),
+                            extra_blocks=self.student_extra_blocks, shifted_texture=mechanism != "shape")
+        cfg.validate()
+        return cfg
+
+
+PRESETS: dict[str, dict] = {
+    # the smoke run: all three mechanisms in about 2 minutes on 2 CPU cores
+    "quick": {"n_transfer": 6_000, "shard_size": 3_000, "steps": 500, "texture_steps": 250, "n_eval": 500,
+              "sample_interval": 100, "checkpoint_interval": 100, "log_interval": 25},
+    # all three mechanisms of one variant in under 10 minutes on 2 CPU cores
+    "default": {},
+    # unit tests: seconds
+    "tiny": {"n_transfer": 256, "shard_size": 64, "steps": 6, "texture_steps": 0, "batch_size": 16, "n_eval": 32,
+             "student_widths": (8, 8, 8), "student_extra_blocks": 0, "disc_widths": (8, 8),
+             "log_interval": 2, "sample_interval": 3, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.3},
+}
+
+
+def preset(name: str, **overrides) -> DistillConfig:
+    if name not in PRESETS:
+        raise SkdcgnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return config_from_dict(DistillConfig, {**PRESETS[name], **overrides}, f"preset {name}")
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run_dir: str | os.PathLike,
+            config: DistillConfig, progress: bool = True, evaluate: bool = True) -> dict:
+    """Transfer set, student and evaluation for each mechanism; returns the evaluation dict."""
+    config.validate()
+    for m in mechanisms:
+        if m not in MECHANISMS:
+            raise SkdcgnError(f"mechanism: {m!r} is not one of {', '.join(MECHANISMS)}")
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    teacher_cgn = teacher_cgn.to(device).eval()
+    timings = {}
+    for m in mechanisms:
+        mech = teacher_cgn.mechanisms()[m]
+        t0 = time.perf_counter()
+        folder = query_teacher(mech, run_dir / "transfer" / m, config.n_transfer, config.shard_size,
+                               derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
+                               latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes,
+                               device=device, progress=progress)
+        t1 = time.perf_counter()
+        train_student(m, TransferSet(folder), run_dir / "distill" / "students" / m, config, progress=progress)
+        timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
+    if not evaluate:
+        return {}
+    from .evaluate import evaluate_distillation
+
+    return evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
+
+
+def train_student(mechanism: str, transfer: TransferSet, out_dir: str | os.PathLike, config: DistillConfig,
+                  progress: bool = True, stop_after: int | None = None) -> StudentGenerator | None:
+    """Train (or resume, or skip) one student; `stop_after` ends early as a kill would (tests)."""
+    out_dir = Path(out_dir)
+    tcfg = transfer.config
+    stage = {"mechanism": mechanism, "distill": dataclasses.asdict(config), "transfer": config_hash(tcfg)}
+    if stage_complete(out_dir, stage):
+        return load_model(out_dir)  # type: ignore[return-value]
+    device = resolve_device(config.device)
+    n_steps = config.steps_for(mechanism)
+    is_mask = mechanism == "shape"
+    loss_fn = DistillLoss(config.loss_weights(), is_mask)
+    student_cfg = config.student_config(mechanism, int(tcfg["n_classes"]), int(tcfg["latent_dim"]))
+
+    torch.manual_seed(derive_seed(config.seed, MECHANISMS.index(mechanism), 1))  # weight init (and spectral norm's u)
+    G = make_student(student_cfg).to(device)
+    D = None
+    if loss_fn.uses_discriminator:
+        D = ProjectionDiscriminator(DiscriminatorConfig(1 if is_mask else 3, student_cfg.n_classes,
+                                                        tuple(config.disc_widths))).to(device)
+    ema = copy.deepcopy(G).eval().requires_grad_(False) if config.ema_decay > 0 else None
+    betas = (config.beta1, config.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=config.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=config.lr_d, betas=betas) if D is not None else None
+
+    step, rows, elapsed = 0, [], 0.0
+    ckpt = out_dir / CHECKPOINT
+    if ckpt.is_file():
+        state = _load_checkpoint(ckpt)
+        if state.get("stage_hash") == config_hash(stage):
+            step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
+            G.load_state_dict(state["G"])
+            opt_g.load_state_dict(state["opt_g"])
+            if D is not None:
+                D.load_state_dict(state["D"])
+                opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    fixed = torch.arange(min(16, len(transfer)))  # the same teacher samples in every grid
+    data_seed = derive_seed(config.seed, MECHANISMS.index(mechanism), 2)
+    bar = tqdm(total=n_steps, initial=step, desc=f"distill {mechanism}", disable=not progress, unit="step")
+    t_start = time.perf_counter() - elapsed
+    logs: dict[str, float] = {}
+    while step < n_steps:
+        lr_scale = 0.5 * (1 + math.cos(math.pi * step / n_steps)) if config.cosine_decay else 1.0
+        for group in opt_g.param_groups:
+            group["lr"] = config.lr_g * lr_scale
+        if opt_d is not None:
+            for group in opt_d.param_groups:
+                group["lr"] = config.lr_d * lr_scale
+        u, y, real = (t.to(device) for t in transfer.batch(step, config.batch_size, data_seed))
+        G.train()
+        with autocast:
+            logits = G.pre_activation(u, y)                           # [B, C, 32, 32]
+            fake = G.activate(logits)
+            logs = {}
+            adversarial = D is not None and step >= int(config.adv_start * n_steps)
+            if adversarial:
+                D.requires_grad_(True)
+                d_loss, d_logs = loss_fn.discriminator_loss(D, real, fake.detach(), y)
+                opt_d.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                d_loss.backward()
+                opt_d.step()  # type: ignore[union-attr]
+                D.requires_grad_(False)  # the student's step does not need D's gradients
+                logs.update(d_logs)
+            g_loss, g_logs = loss_fn.generator_loss(D if adversarial else None, logits, fake, real, y)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        logs.update(g_logs)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), G.parameters()):
+                    pe.lerp_(p, 1.0 - config.ema_decay)
+                for be, b in zip(ema.buffers(), G.buffers()):
+                    be.copy_(b)
+        step += 1
+        bar.update(1)
+        if step % config.log_interval == 0 or step == n_steps:
+            rows.append([float(step), *(float(logs.get(k, float("nan"))) for k in LOG_FIELDS[1:-2]),
+                         config.lr_g * lr_scale, round(time.perf_counter() - t_start, 3)])
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k in ("pixel", "d_loss")})
+        if step % config.sample_interval == 0 or step == n_steps:
+            _save_samples(ema or G, transfer, fixed, out_dir / "samples" / f"step_{step:07d}.png", device, is_mask)
+        if step % config.checkpoint_interval == 0 or step == n_steps:
+            _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d)
+            _write_log(out_dir / "losses.csv", rows)
+        if stop_after is not None and step >= stop_after and step < n_steps:
+            bar.close()
+            return None
+    bar.close()
+    final = (ema or G).eval()
+    final.save_pretrained(out_dir)
+    _write_log(out_dir / "losses.csv", rows)
+    write_manifest(out_dir, stage, params=final.get_num_params(), steps=step,
+                   train_seconds=round(time.perf_counter() - t_start, 2),
+                   final_losses={k: v for k, v in logs.items()})
+    return final
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, stage: dict, step: int, rows: list, elapsed: float, G: nn.Module,
+                     D: nn.Module | None, ema: nn.Module | None, opt_g, opt_d) -> None:
+    state = {"stage_hash": config_hash(stage), "step": step, "rows": rows, "elapsed": elapsed,
+             "G": G.state_dict(), "opt_g": opt_g.state_dict()}
+    if D is not None:
+        state["D"], state["opt_d"] = D.state_dict(), opt_d.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and containers only
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SkdcgnError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+                          "delete it to start this mechanism over") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise SkdcgnError(f"{path}: not a distillation checkpoint")
+    return state
+
+
+def _write_log(path: Path, rows: list) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(LOG_FIELDS)
+    for r in rows:
+        w.writerow([int(r[0]), *(f"{v:.6g}" for v in r[1:])])
+    write_bytes(path, buf.getvalue().encode())
+
+
+@torch.no_grad()
+def _save_samples(G: StudentGenerator, transfer: TransferSet, index: Tensor, path: Path, device, is_mask: bool) -> None:
+    was_training = G.training
+    G.eval()
+    student = G(transfer.u[index].to(device), transfer.y[index].to(device)).float().cpu()
+    G.train(was_training)
+    teacher = transfer.targets(index)
+    save_png(stack_grids([image_grid(teacher, 4, title="teacher"), image_grid(student, 4, title="student")]), path)

@@ -1,0 +1,183 @@
+"""TinyGAN-style student mechanisms: small class-conditional generators that replace a CGN teacher.
+
+A student has the teacher mechanism's interface, `forward(u [N, latent_dim], y [N]) -> [N, C, 32, 32]`,
+so a CGN of three students composes exactly like the teacher (same noise draw, same seeded
+texture shift). Layout, after TinyGAN (Chang & Lu, 2020) scaled down to 32 px:
+
+    cond = cat(u, class_embedding(y))             [N, latent_dim + embed_dim]
+    x    = Linear(cond) -> [C4, 4, 4]              a small spatial seed (no 4096-wide layer)
+    x    = UpBlock(x, cond)  4 -> 8 px             conditional BN -> ReLU -> (up x2) -> separable 3x3,
+    x    = UpBlock(x, cond)  8 -> 16 px            twice, plus a residual skip
+    x    = Block(x, cond) x extra_blocks  16 px
+    out  = PixelShuffle(Conv3x3(ReLU(BN(x))))     [N, C_out, 32, 32]: a sub-pixel conv
+    mask = sigmoid(out)    texture = tanh(out)
+
+Conditional batch norm takes its per-channel gain and bias from `cond`, so both the class and
+the noise modulate every block (as in BigGAN-deep / TinyGAN).
+
+Why the last step is a sub-pixel conv: the teacher's last stage (nearest ×2 up-sampling, then a
+3x3 conv) is itself a 3x3 conv at 16 px whose 4·C_out outputs are interleaved into 32 px, so the
+student keeps the teacher's expressiveness at 32 px while doing no per-channel work at 32 px,
+where a CPU is bound by memory traffic. The convs run in channels-last layout (oneDNN's fast
+path for depthwise convs on CPU; ~10× faster than NCHW there); outputs are returned as NCHW.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SkdcgnError
+from .pretrained import PretrainedModel, register
+
+from .cgn import MECHANISMS  # noqa: E402  (shape, foreground, background)
+
+
+@dataclasses.dataclass
+class StudentConfig:
+    mechanism: str = "shape"  # shape | foreground | background
+    n_classes: int = 10
+    latent_dim: int = 32
+    embed_dim: int = 16  # class embedding size, fed (with u) to every conditional BN
+    widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8 and 16 px
+    extra_blocks: int = 1  # residual blocks at 16 px after the up-sampling ones
+    shifted_texture: bool = False  # textures: seeded circular shift at composition (like the teacher)
+
+    def validate(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(MECHANISMS)}")
+        for name in ("n_classes", "latent_dim", "embed_dim"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
+        if len(self.widths) != 3 or not all(isinstance(w, int) and 1 <= w <= 1024 for w in self.widths):
+            raise SkdcgnError(f"widths: expected 3 channel counts in [1, 1024] (for 4, 8, 16 px), got {list(self.widths)}")
+        if not 0 <= self.extra_blocks <= 16:
+            raise SkdcgnError(f"extra_blocks: {self.extra_blocks} is outside [0, 16]")
+        if self.shifted_texture != (self.mechanism != "shape"):
+            raise SkdcgnError(f"shifted_texture: must be {self.mechanism != 'shape'} for the {self.mechanism} mechanism "
+                              "(textures are shifted at composition, masks are not)")
+
+    @property
+    def out_channels(self) -> int:
+        return 1 if self.mechanism == "shape" else 3
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine; gain and bias are linear functions of the condition."""
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.affine = nn.Linear(cond_dim, 2 * channels)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)  # starts as plain BN (gain 1, bias 0)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        gain, bias = self.affine(cond)[:, :, None, None].chunk(2, dim=1)  # [N, C, 1, 1] each
+        return self.bn(x) * (1 + gain) + bias
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise 3x3 then pointwise 1x1: ~9·Cin + Cin·Cout weights instead of 9·Cin·Cout."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1))
+
+
+class Block(nn.Module):
+    """Residual generator block (BigGAN / TinyGAN), separable convs, optional x2 up-sampling."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, upsample: bool) -> None:
+        super().__init__()
+        self.scale = 2.0 if upsample else 1.0
+        self.bn1 = ConditionalBatchNorm2d(cin, cond_dim)
+        self.conv1 = SeparableConv2d(cin, cout)
+        self.bn2 = ConditionalBatchNorm2d(cout, cond_dim)
+        self.conv2 = SeparableConv2d(cout, cout)
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        h = F.relu(self.bn1(x, cond))
+        if self.scale != 1.0:
+            h = F.interpolate(h, scale_factor=self.scale, mode="nearest")   # [N, Cin, 2H, 2W]
+            x = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        h = self.conv1(h)                                                   # [N, Cout, 2H, 2W]
+        h = self.conv2(F.relu(self.bn2(h, cond)))
+        return h + self.skip(x)
+
+
+class StudentGenerator(PretrainedModel):
+    """The shared body of both students; subclasses choose the output activation."""
+
+    Config = StudentConfig
+
+    def __init__(self, config: StudentConfig) -> None:
+        config.validate()
+        super().__init__(config)
+        c4, c8, c16 = config.widths
+        cond_dim = config.latent_dim + config.embed_dim
+        self.embed = nn.Embedding(config.n_classes, config.embed_dim)
+        self.seed = nn.Linear(cond_dim, c4 * 4 * 4)
+        self.blocks = nn.ModuleList([Block(c4, c8, cond_dim, upsample=True), Block(c8, c16, cond_dim, upsample=True),
+                                     *(Block(c16, c16, cond_dim, upsample=False) for _ in range(config.extra_blocks))])
+        self.out_bn = nn.BatchNorm2d(c16)
+        self.out_conv = nn.Conv2d(c16, 4 * config.out_channels, 3, padding=1)  # 4 sub-pixels per 16-px pixel
+
+    def pre_activation(self, u: Tensor, y: Tensor) -> Tensor:
+        """Logits of the output (before sigmoid / tanh): [N, C_out, 32, 32]."""
+        cond = torch.cat([u, self.embed(y)], dim=1)            # [N, latent + embed]
+        x = self.seed(cond).view(len(u), -1, 4, 4)             # [N, C4, 4, 4]
+        x = x.contiguous(memory_format=torch.channels_last)    # oneDNN's fast layout for (depthwise) convs on CPU
+        for block in self.blocks:
+            x = block(x, cond)                                 # [N, C8, 8, 8], [N, C16, 16, 16], ...
+        x = self.out_conv(F.relu(self.out_bn(x)))              # [N, 4 * C_out, 16, 16]
+        return F.pixel_shuffle(x.contiguous(), 2)              # [N, C_out, 32, 32], plain NCHW
+
+
+@register
+class ShapeStudent(StudentGenerator):
+    """Student of the shape mechanism: a one-channel mask in [0, 1] (sigmoid)."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        if config.mechanism != "shape":
+            raise SkdcgnError(f"mechanism: a ShapeStudent is for 'shape', got {config.mechanism!r}")
+        super().__init__(config)
+
+    def activate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(u, y))
+
+
+@register
+class TextureStudent(StudentGenerator):
+    """Student of a texture mechanism (foreground or background): an RGB texture in [-1, 1] (tanh).
+
+    It learns the teacher's un-shifted texture; the random circular shift stays a seeded step
+    of composition (`shifted_texture=True`), exactly as for the teacher.
+    """
+
+    def __init__(self, config: StudentConfig) -> None:
+        if config.mechanism == "shape":
+            raise SkdcgnError("mechanism: a TextureStudent is for 'foreground' or 'background', got 'shape'")
+        super().__init__(config)
+
+    def activate(self, logits: Tensor) -> Tensor:
+        return torch.tanh(logits)
+
+    def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(u, y))
+
+
+def default_student_config(mechanism: str, **overrides) -> StudentConfig:
+    """The default (budgeted) student for a mechanism: ≤ 25% of the teacher's parameters."""
+    cfg = StudentConfig(mechanism=mechanism, shifted_texture=mechanism != "shape", **overrides)
+    cfg.validate()
+    return cfg
+
+
+def make_student(config: StudentConfig) -> StudentGenerator:
+    return ShapeStudent(config) if config.mechanism == "shape" else TextureStudent(config)
