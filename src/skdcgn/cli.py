@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import SkdcgnError
 
-COMMANDS = ["data", "teacher"]  # modules in skdcgn.commands, in --help order
+COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "bench"]  # modules in skdcgn.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,8 +89,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def config_from_args(config_cls: type[C], args: argparse.Namespace, base: dict | None = None) -> C:
-    """Defaults < `base` (a preset) < YAML file < command-line options."""
+def config_from_args(config_cls: type[C], args: argparse.Namespace, base: dict | None = None,
+                     override: dict | None = None) -> C:
+    """Defaults < `base` (a preset) < YAML file < command-line options (< `override`, other options)."""
     values = dict(base or {})
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
@@ -98,6 +99,7 @@ def config_from_args(config_cls: type[C], args: argparse.Namespace, base: dict |
         v = getattr(args, f"cfg_{f.name}", None)
         if v is not None:
             values[f.name] = v
+    values.update(override or {})
     return config_from_dict(config_cls, values, "config")
 
 

@@ -1,0 +1,45 @@
+"""`skdcgn run`: the whole chain (data → teacher → transfer sets → students → counterfactuals →
+classifiers → table and report), resumable stage by stage; and `skdcgn report` to redraw a report."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..config import add_config_arguments, config_from_args
+from ..pipeline import PRESETS, VARIANTS, RunConfig, format_table, run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole chain as one resumable command",
+                       description="Run every stage for the given variants; run again to resume. "
+                                   "Outputs: RUN_DIR/<variant>/{transfer,distill,datasets,classifiers}, "
+                                   "RUN_DIR/results.md, RUN_DIR/report.html.")
+    p.add_argument("--variant", default=None, choices=(*VARIANTS, "all"), help="default: the preset's")
+    p.add_argument("--preset", default="quick", choices=[k for k in PRESETS if k != "tiny"] + ["tiny"],
+                   help="quick: a few minutes on a laptop CPU; full: the CGN paper protocol (GPU recommended)")
+    p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(p, RunConfig, skip=("variants",))
+    p.set_defaults(func=run_command)
+
+    r = sub.add_parser("report", help="redraw results.md and report.html of a finished run")
+    r.add_argument("run_dir")
+    r.set_defaults(func=report_command)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    override = {"variants": list(VARIANTS) if args.variant == "all" else [args.variant]} if args.variant else {}
+    config = config_from_args(RunConfig, args, base=PRESETS[args.preset], override=override)
+    run_dir = args.run_dir or f"runs/{args.preset}"
+    t0 = time.perf_counter()
+    summary = run(run_dir, config, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"done in {time.perf_counter() - t0:.0f} s: {run_dir}/results.md, {run_dir}/report.html")
+
+
+def report_command(args: argparse.Namespace) -> None:
+    from ..io import read_json
+    from ..report import write_run_report
+
+    out = write_run_report(args.run_dir, read_json(f"{args.run_dir}/results.json"))
+    print(f"wrote {out}")

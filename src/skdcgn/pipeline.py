@@ -1,0 +1,241 @@
+"""`skdcgn run`: the whole chain, stage by stage, resumable, for one or all MNIST variants.
+
+    data ─► teacher ─► transfer sets ─► students ─► counterfactual datasets ─► classifiers ─► table, report
+
+Each stage writes into `runs/NAME/<variant>/<stage>/` and is skipped when its manifest matches
+its config, so an interrupted run picks up where it stopped. The table rows (the CGN paper's
+Table 2, extended) and the composition-study rows are classifiers trained on:
+
+- `original`: the variant's training images (colours/textures tied to the label);
+- `teacher_samples`: teacher samples without counterfactuals (one class for all mechanisms);
+- `teacher_cf`: teacher counterfactuals;
+- `student_cf`: counterfactuals of the distilled students;
+- `student_cf+original`: student counterfactuals and the original training images;
+- `study_<composer>`: student counterfactuals composed with a composition-study variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .compose import COMPOSERS
+from .config import config_from_dict, resolve_device
+from .errors import SkdcgnError
+from .io import read_json, stage_complete, write_json, write_manifest
+
+VARIANTS = ("colored", "double_colored", "wildlife")
+ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    variants: tuple[str, ...] = ("double_colored",)
+    teacher: str = "shipped"  # shipped (the released teacher of each variant) | train (train one first)
+    teacher_preset: str = "quick"  # with teacher=train: a preset of teacher_training
+    distill_preset: str = "quick"  # a preset of distill.trainer
+    n_counterfactuals: int = 10_000  # images per counterfactual dataset
+    per_shape: int = 10  # counterfactuals per mask
+    seeds: int = 1  # classifiers per row (mean ± std over seeds)
+    classifier_epochs: int = 1
+    classifier_max_steps: int = 0  # 0: full epochs
+    classifier_max_examples: int = 0  # 0: all images of the dataset
+    composers: tuple[str, ...] = ()  # composition-study variants (besides standard)
+    eval_examples: int = 10_000  # images per split used for the accuracy table
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise SkdcgnError(f"variants: {v!r} is not one of {', '.join(VARIANTS)} (or 'all')")
+        if self.teacher not in ("shipped", "train"):
+            raise SkdcgnError(f"teacher: {self.teacher!r} is not one of shipped, train")
+        for c in self.composers:
+            if c not in COMPOSERS or c == "standard":
+                raise SkdcgnError(f"composers: {c!r} is not one of {', '.join(COMPOSERS[1:])}")
+        for name, lo, hi in (("n_counterfactuals", 10, 10_000_000), ("per_shape", 1, 1000), ("seeds", 1, 100),
+                             ("classifier_epochs", 1, 1000), ("classifier_max_steps", 0, 10**9),
+                             ("classifier_max_examples", 0, 10**9), ("eval_examples", 10, 10**6), ("seed", 0, 2**31)):
+            if not lo <= getattr(self, name) <= hi:
+                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [{lo}, {hi}]")
+
+
+PRESETS: dict[str, dict] = {
+    # the smoke run and the README's main command: one variant in a few minutes on 2 CPU cores
+    "quick": {"distill_preset": "quick", "n_counterfactuals": 10_000, "classifier_epochs": 1,
+              "classifier_max_examples": 10_000, "eval_examples": 5_000},
+    # the CGN paper's protocol: 100k counterfactuals (10 per shape), 10 epochs, 3 seeds, every
+    # variant and the composition study (hours on a CPU; a GPU recommended)
+    "full": {"variants": VARIANTS, "distill_preset": "default", "n_counterfactuals": 100_000, "seeds": 3,
+             "classifier_epochs": 10, "composers": tuple(c for c in COMPOSERS if c != "standard"),
+             "eval_examples": 10_000},
+    # unit tests: seconds
+    "tiny": {"distill_preset": "tiny", "n_counterfactuals": 200, "per_shape": 10, "classifier_epochs": 1,
+             "classifier_max_steps": 3, "classifier_max_examples": 200, "eval_examples": 100},
+}
+
+
+def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
+    """Run every stage for every variant; write `results.json`, `results.md` and the report."""
+    config.validate()
+    run_dir = Path(run_dir)
+    write_json(run_dir / "run_config.json", dataclasses.asdict(config))
+    t0 = time.perf_counter()
+    results = {}
+    for variant in config.variants:
+        results[variant] = run_variant(run_dir / variant, variant, config, progress)
+    summary = {"config": dataclasses.asdict(config), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(run_dir / "results.json", summary)
+    from .report import write_run_report
+
+    write_run_report(run_dir, summary)
+    return summary
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(f"[skdcgn run] {text}", flush=True)
+
+
+def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True) -> dict:
+    from . import load_cgn
+    from .counterfactuals import generate_counterfactuals, load_image_dataset
+    from .distill.trainer import distill, preset as distill_preset
+    from .invariance import load_variant_split
+
+    device = resolve_device(config.device)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, start: float) -> None:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
+
+    # data (built once, then cached by the data package)
+    t = time.perf_counter()
+    _say(progress, f"{variant}: data")
+    train = load_variant_split(variant, "train")
+    tests = {s: load_variant_split(variant, s) for s in ("test", "test_iid")}
+    timed("data", t)
+
+    # teacher
+    t = time.perf_counter()
+    if config.teacher == "train":
+        from .teacher_training import preset_config, train_teacher
+
+        _say(progress, f"{variant}: training a teacher")
+        teacher = train_teacher(variant, vdir, preset_config(config.teacher_preset, seed=config.seed, device=config.device),
+                                progress=progress)
+    else:
+        teacher = load_cgn(variant)
+    timed("teacher", t)
+
+    # transfer sets and students
+    t = time.perf_counter()
+    _say(progress, f"{variant}: distilling shape, foreground and background")
+    dcfg = distill_preset(config.distill_preset, seed=config.seed, device=config.device)
+    distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress)
+    students = load_cgn(f"students:{vdir}")
+    timed("distill", t)
+
+    # counterfactual datasets
+    t = time.perf_counter()
+    datasets = {
+        "teacher_samples": (teacher, "standard", False),
+        "teacher_cf": (teacher, "standard", True),
+        "student_cf": (students, "standard", True),
+        **{f"study_{c}": (students, c, True) for c in config.composers},
+    }
+    for name, (cgn, composer, cf) in datasets.items():
+        _say(progress, f"{variant}: counterfactual dataset {name}")
+        generate_counterfactuals(cgn.to(device), vdir / "datasets" / name, config.n_counterfactuals, config.per_shape,
+                                 seed=config.seed, composer=composer, counterfactual=cf, cgn_name=name,
+                                 overwrite=True, progress=progress)
+    timed("counterfactuals", t)
+
+    # classifiers
+    def training_data(row: str):
+        if row == "original":
+            return train
+        key = "student_cf" if row == "student_cf+original" else row
+        x, y = load_image_dataset(vdir / "datasets" / key, dtype=torch.uint8)
+        if row == "student_cf+original":
+            x, y = torch.cat([x, train[0]]), torch.cat([y, train[1]])
+        return x, y
+
+    t = time.perf_counter()
+    rows = list(ROWS) + [f"study_{c}" for c in config.composers]
+    table = {}
+    for row in rows:
+        loaded: dict = {}  # the row's training data, loaded once for all seeds and only if needed
+
+        def get_data(row: str = row, loaded: dict = loaded):
+            if "data" not in loaded:
+                loaded["data"] = training_data(row)
+            return loaded["data"]
+
+        accs = [_classifier_accuracy(vdir / "classifiers" / row / f"seed{s}", row, s, config, get_data, tests, progress)
+                for s in range(config.seeds)]
+        table[row] = _mean_std(accs)
+    timed("classifiers", t)
+    summary = {"table": table, "timings_s": timings}
+    write_json(vdir / "results.json", summary)
+    return summary
+
+
+def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, progress: bool) -> dict:
+    """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
+    from .invariance import ClassifierConfig, evaluate, train_classifier
+
+    ccfg = ClassifierConfig(epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
+                            max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
+    eval_cfg = {"classifier": dataclasses.asdict(ccfg), "eval_examples": config.eval_examples}
+    eval_cfg["classifier"].pop("device")
+    eval_dir = out / "eval"
+    if stage_complete(eval_dir, eval_cfg):
+        return read_json(eval_dir / "manifest.json")["accuracy"]
+    _say(progress, f"classifier {row} (seed {seed})")
+    x, y = get_data()
+    clf = train_classifier(x, y, ccfg, out, progress=progress)
+    k = config.eval_examples
+    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
+    acc = {"train": evaluate(clf, x[sub], y[sub])}
+    for split, (tx, ty) in tests.items():
+        acc[split] = evaluate(clf, tx[:k], ty[:k])
+    write_manifest(eval_dir, eval_cfg, accuracy=acc)
+    return acc
+
+
+def _mean_std(accs: list[dict]) -> dict:
+    out = {}
+    for split in accs[0]:
+        vals = [100.0 * a[split] for a in accs]
+        out[split] = {"mean": round(statistics.fmean(vals), 2),
+                      "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0, "n": len(vals)}
+    return out
+
+
+def format_table(summary: dict) -> str:
+    """The accuracy table (markdown): one row per training set, train / test (OOD) / test_iid per variant."""
+    results = summary["results"]
+    variants = list(results)
+    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
+    head = "| trained on | " + " | ".join(f"{v}: train / test (OOD) / test_iid" for v in variants) + " |"
+    lines = [head, "|---|" + "---|" * len(variants)]
+    for row in rows:
+        cells = []
+        for v in variants:
+            acc = results[v]["table"].get(row)
+            if acc is None:
+                cells.append("–")
+                continue
+            cells.append(" / ".join(_fmt(acc[s]) for s in ("train", "test", "test_iid")))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(a: dict) -> str:
+    return f"{a['mean']:.1f}" + (f" ± {a['std']:.1f}" if a["n"] > 1 else "")
+

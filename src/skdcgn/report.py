@@ -1,0 +1,152 @@
+"""A run's report: `results.md` (tables) and `report.html` (grids, loss curves, accuracy chart).
+
+Everything here is read back from a run directory's artifacts; nothing is recomputed, so the
+report of a finished run can be regenerated at any time (`skdcgn report RUN_DIR`).
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import os
+from pathlib import Path
+
+from .io import read_json, write_bytes
+
+MECHANISMS = ("shape", "foreground", "background")
+
+
+def _plot_losses(vdir: Path, out: Path) -> bool:
+    """Distillation losses per mechanism (generator and discriminator) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {m: vdir / "distill" / "students" / m / "losses.csv" for m in MECHANISMS}
+    logs = {m: p for m, p in logs.items() if p.is_file()}
+    if not logs:
+        return False
+    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
+    for ax, (m, path) in zip(axes[0], logs.items()):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        steps = [float(r["step"]) for r in rows]
+        for key in ("pixel", "g_loss", "d_loss"):
+            vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+            if len(vals) == len(steps):
+                ax.plot(steps, vals, label=key)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, out)
+    plt.close(fig)
+    return True
+
+
+def _plot_accuracy(summary: dict, out: Path) -> None:
+    """Out-of-distribution test accuracy per training set, one group of bars per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    variants = list(results)
+    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(variants) / 2), 3.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        xs, means, stds = [], [], []
+        for j, v in enumerate(variants):
+            acc = results[v]["table"].get(row)
+            if acc:
+                xs.append(j + i * width)
+                means.append(acc["test"]["mean"])
+                stds.append(acc["test"]["std"])
+        ax.bar(xs, means, width, yerr=stds, label=row)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants)
+    ax.set_ylabel("test accuracy (OOD), %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save_fig(fig, out)
+    plt.close(fig)
+
+
+def _save_fig(fig, out: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes(out, buf.getvalue())
+
+
+def results_markdown(summary: dict) -> str:
+    from .pipeline import format_table
+
+    lines = ["# Results of this run", "",
+             "Accuracy (%) of the invariant classifier, trained on each set (rows) and evaluated on the",
+             "training data, the out-of-distribution `test` split and the in-distribution `test_iid` split.", "",
+             format_table(summary), ""]
+    for v, res in summary["results"].items():
+        lines.append(f"- {v}: stage times (s) " + ", ".join(f"{k} {s}" for k, s in res["timings_s"].items()))
+    lines += [f"- total: {summary['seconds']} s", ""]
+    return "\n".join(lines)
+
+
+def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
+    run_dir = Path(run_dir)
+    write_bytes(run_dir / "results.md", results_markdown(summary).encode())
+    _plot_accuracy(summary, run_dir / "accuracy.png")
+    parts = ["<!doctype html><meta charset='utf-8'><title>skdcgn run report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%;image-rendering:pixelated}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>",
+             f"<h1>skdcgn run: {html.escape(run_dir.name)}</h1>", "<h2>Out-of-distribution accuracy</h2>",
+             "<img src='accuracy.png'>", _table_html(summary)]
+    for v in summary["results"]:
+        vdir = run_dir / v
+        parts.append(f"<h2>{html.escape(v)}</h2>")
+        ev = vdir / "distill" / "eval.json"
+        if ev.is_file():
+            parts.append("<h3>Students vs teacher on held-out (u, y)</h3><pre>" +
+                         html.escape(_eval_summary(read_json(ev))) + "</pre>")
+        for name in ("composite", *MECHANISMS):
+            img = vdir / "distill" / f"compare_{name}.png"
+            if img.is_file():
+                parts.append(f"<h4>teacher | student: {name}</h4><img src='{v}/distill/compare_{name}.png'>")
+        if _plot_losses(vdir, vdir / "distill" / "losses.png"):
+            parts.append(f"<h3>Distillation losses</h3><img src='{v}/distill/losses.png'>")
+        datasets = sorted((vdir / "datasets").glob("*/preview.png")) if (vdir / "datasets").is_dir() else []
+        if datasets:
+            parts.append("<h3>Datasets (one shape per row)</h3>")
+        for p in datasets:
+            parts.append(f"<h4>{html.escape(p.parent.name)}</h4><img src='{v}/datasets/{p.parent.name}/preview.png'>")
+    out = run_dir / "report.html"
+    write_bytes(out, "\n".join(parts).encode())
+    return out
+
+
+def _table_html(summary: dict) -> str:
+    results = summary["results"]
+    variants = list(results)
+    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
+    head = "<tr><th>trained on</th>" + "".join(f"<th>{html.escape(v)}<br>train / test (OOD) / test_iid</th>" for v in variants) + "</tr>"
+    body = []
+    for row in rows:
+        cells = []
+        for v in variants:
+            acc = results[v]["table"].get(row)
+            cells.append("–" if acc is None else " / ".join(
+                f"{acc[s]['mean']:.1f}" + (f" ± {acc[s]['std']:.1f}" if acc[s]["n"] > 1 else "") for s in ("train", "test", "test_iid")))
+        body.append(f"<tr><td>{html.escape(row)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "<table>" + head + "".join(body) + "</table>"
+
+
+def _eval_summary(ev: dict) -> str:
+    lines = []
+    for m, d in ev.get("mechanisms", ev).items():
+        if isinstance(d, dict):
+            lines.append(f"{m}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
+                                             if not isinstance(v, (dict, list))))
+    return "\n".join(lines)

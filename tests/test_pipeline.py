@@ -1,0 +1,72 @@
+"""`skdcgn run` end to end on the tiny preset: every stage, the table, the report, the resume."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from skdcgn.cli import main
+from skdcgn.io import read_json
+from skdcgn.pipeline import ROWS
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    t0 = time.perf_counter()
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(run_dir), "--quiet"]) == 0
+    return run_dir, time.perf_counter() - t0
+
+
+def test_every_stage_leaves_its_artifacts(tiny_run):
+    run_dir, _ = tiny_run
+    vdir = run_dir / "colored"
+    for m in ("shape", "foreground", "background"):
+        assert (vdir / "transfer" / m / "manifest.json").is_file()
+        assert (vdir / "distill" / "students" / m / "model.safetensors").is_file()
+    for d in ("teacher_samples", "teacher_cf", "student_cf"):
+        assert (vdir / "datasets" / d / "manifest.json").is_file()
+    for row in ROWS:
+        assert (vdir / "classifiers" / row / "seed0" / "eval" / "manifest.json").is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_table_and_report(tiny_run):
+    run_dir, _ = tiny_run
+    summary = read_json(run_dir / "results.json")
+    table = summary["results"]["colored"]["table"]
+    assert set(table) == set(ROWS)
+    for row in ROWS:
+        for split in ("train", "test", "test_iid"):
+            assert 0.0 <= table[row][split]["mean"] <= 100.0
+    md = (run_dir / "results.md").read_text()
+    assert "| student_cf |" in md and "test (OOD)" in md
+    html = (run_dir / "report.html").read_text()
+    for img in ("accuracy.png", "colored/distill/compare_composite.png", "colored/datasets/student_cf/preview.png"):
+        assert f"src='{img}'" in html and (run_dir / img).is_file()
+
+
+def test_second_run_resumes_from_manifests(tiny_run, capsys):
+    run_dir, first = tiny_run
+    before = json.loads((run_dir / "colored" / "results.json").read_text())
+    t0 = time.perf_counter()
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(run_dir), "--quiet"]) == 0
+    again = time.perf_counter() - t0
+    after = json.loads((run_dir / "colored" / "results.json").read_text())
+    assert after["table"] == before["table"]  # nothing retrained: the same numbers
+    assert again < first / 2
+
+
+def test_bad_values_are_one_line_errors(tmp_path, capsys):
+    for argv, needle in ((["--variant", "fashion"], "argument --variant"),
+                         (["--n-counterfactuals", "-5"], "n_counterfactuals"),
+                         (["--composers", "smudge"], "composers")):
+        code = None
+        try:
+            code = main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), *argv])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and needle in err[-1]
+    assert not (tmp_path / "r" / "colored").exists()
