@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .config import resolve_device
 from .counterfactuals import derive_seed, to_float, to_uint8
 from .errors import SkdcgnError
-from .io import config_hash, load_tensors, save_tensors, stage_complete, write_bytes, write_manifest
+from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_bytes, write_manifest
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -126,6 +126,7 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     from safetensors import safe_open
 
     tensors = load_tensors(path)
+    check_finite(tensors, str(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["resume"])
@@ -143,7 +144,7 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         return int(meta["epoch"]), int(meta["step"]), list(meta["log"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise SkdcgnError(f"{path}: not a usable checkpoint for this run ({str(e).splitlines()[0][:200]}); "
                           "delete it to start over") from None
 

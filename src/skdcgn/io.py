@@ -7,10 +7,12 @@ its `manifest.json` exists: the manifest is written last.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,26 +25,73 @@ from . import __version__
 from .errors import SkdcgnError
 
 MANIFEST = "manifest.json"
+TMP_SUFFIX = ".tmp"  # atomic writes go to ".<name>.<random>.tmp" beside their target
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A failed write (full disk, quota, permissions: an OSError, or a SafetensorError from
+    safetensors' own writer) becomes a one-line `SkdcgnError` naming the file; whatever goes
+    wrong, the temporary file is removed and the file at `path`, if any, is left as it was.
+    torch.save reports a full disk as a bare RuntimeError: serialise to memory and use
+    `write_bytes` instead of torch.save'ing into the temporary path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        raise SkdcgnError(f"could not write {path}: {e.strerror or e}") from e
+    except (OSError, SafetensorError) as e:
+        raise SkdcgnError(f"could not write {path}: {_write_failure(e, path.parent)}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_failure(e: BaseException, folder: Path) -> str:
+    """A short reason for a failed write; safetensors and torch.save hide ENOSPC in their messages."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    if "No space left" in text:
+        return os.strerror(errno.ENOSPC)
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return f"{os.strerror(errno.ENOSPC)} ({text})"
+    except OSError:
+        pass
+    return text
+
+
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")  # what atomic_path creates
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
+    """Delete temporary files that killed atomic writes left in `folder` and its subfolders
+    (`depth` levels deep); return how many were removed."""
+    n = 0
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    for p in folder.iterdir():
+        if p.is_symlink():
+            continue
+        if p.is_file() and _TMP_NAME.match(p.name):
+            p.unlink(missing_ok=True)
+            n += 1
+        elif p.is_dir() and depth > 0:
+            n += remove_stale_temporaries(p, depth - 1)
+    return n
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -82,9 +131,38 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v  # safetensors refuses shared storage
+        seen.add(ptr)
+    tensors = out
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place (same length).
+
+    safetensors writes metadata from a Rust HashMap, whose order changes from one process to
+    the next: without this, the same tensors and metadata give different bytes in each run,
+    and a resumed run could not be compared bitwise with an uninterrupted one.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = raw.decode("utf-8").rstrip(" ")
+        header = json.loads(text)
+        if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text:
+            return  # a serialisation we do not reproduce exactly: leave the file as written
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) == len(text.encode("utf-8")):
+            f.seek(8)
+            f.write(new)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -114,6 +192,20 @@ def check_state_dict(found: dict[str, torch.Tensor], expected: dict[str, torch.T
             raise SkdcgnError(f"{source}: '{k}' has shape {list(t.shape)}, expected {list(ref.shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise SkdcgnError(f"{source}: '{k}' contains NaN or infinite values")
+
+
+def check_finite(state: Any, source: str, _where: str = "") -> None:
+    """Refuse a checkpoint whose floating-point tensors (at any depth of dicts, lists and tuples)
+    hold NaN or infinite values: resuming from one would silently train garbage."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not torch.isfinite(state).all():
+            raise SkdcgnError(f"{source}: '{_where or 'tensor'}' contains NaN or infinite values; delete it to start over")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            check_finite(v, source, f"{_where}.{k}" if _where else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            check_finite(v, source, f"{_where}[{i}]")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -151,7 +243,11 @@ def stage_complete(stage_dir: str | os.PathLike, config: dict) -> bool:
 
 
 def write_manifest(stage_dir: str | os.PathLike, config: dict, **extra: Any) -> dict:
-    """Mark a stage complete. Call it after every other file of the stage is in place."""
+    """Mark a stage complete. Call it after every other file of the stage is in place.
+
+    Temporary files left in the stage folder by an earlier, killed run are removed first.
+    """
+    remove_stale_temporaries(stage_dir)
     manifest = {"config": config, "config_hash": config_hash(config), "skdcgn_version": __version__, **extra}
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest

@@ -29,11 +29,17 @@ def _plot_losses(vdir: Path, out: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
     for ax, (m, path) in zip(axes[0], logs.items()):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        steps = [float(r["step"]) for r in rows]
-        for key in ("pixel", "g_loss", "d_loss"):
-            vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            steps = [float(r["step"]) for r in rows]
+            series = {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+                      for key in ("pixel", "g_loss", "d_loss")}
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+            plt.close(fig)
+            from .errors import SkdcgnError
+            raise SkdcgnError(f"{path}: not a losses table ({type(e).__name__}: {str(e)[:100]})") from None
+        for key, vals in series.items():
             if len(vals) == len(steps):
                 ax.plot(steps, vals, label=key)
         ax.set_title(m)
@@ -90,13 +96,46 @@ def results_markdown(summary: dict) -> str:
              "training data, the out-of-distribution `test` split and the in-distribution `test_iid` split.", "",
              format_table(summary), ""]
     for v, res in summary["results"].items():
-        lines.append(f"- {v}: stage times (s) " + ", ".join(f"{k} {s}" for k, s in res["timings_s"].items()))
-    lines += [f"- total: {summary['seconds']} s", ""]
+        lines.append(f"- {v}: stage times (s) " + ", ".join(f"{k} {s}" for k, s in res.get("timings_s", {}).items()))
+    lines += [f"- total: {summary.get('seconds', '?')} s", ""]
     return "\n".join(lines)
+
+
+def check_summary(summary: object, source: str) -> dict:
+    """Validate a run summary read back from `results.json` (untrusted: it names folders to read)."""
+    from .errors import SkdcgnError
+    from .pipeline import VARIANTS
+
+    def bad(where: str, what: str) -> SkdcgnError:
+        return SkdcgnError(f"{source}: '{where}' {what}")
+
+    if not isinstance(summary, dict):
+        raise bad("", "should be an object")
+    results = summary.get("results")
+    if not isinstance(results, dict) or not results:
+        raise bad("results", "should be a non-empty object of variants")
+    if not isinstance(summary.get("seconds", 0), (int, float)):
+        raise bad("seconds", "should be a number")
+    for v, res in results.items():
+        if v not in VARIANTS:  # it names a folder of the run: only the known ones
+            raise bad(f"results.{v}", f"is not a variant ({', '.join(VARIANTS)})")
+        if not isinstance(res, dict) or not isinstance(res.get("table"), dict):
+            raise bad(f"results.{v}.table", "should be an object of rows")
+        if not isinstance(res.get("timings_s", {}), dict):
+            raise bad(f"results.{v}.timings_s", "should be an object")
+        for row, acc in res["table"].items():
+            for split in ("train", "test", "test_iid"):
+                cell = acc.get(split) if isinstance(acc, dict) else None
+                if not isinstance(cell, dict) or not all(
+                        isinstance(cell.get(k), (int, float)) and not isinstance(cell.get(k), bool)
+                        for k in ("mean", "std", "n")):
+                    raise bad(f"results.{v}.table.{row}.{split}", "should hold numbers mean, std and n")
+    return summary
 
 
 def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
     run_dir = Path(run_dir)
+    check_summary(summary, str(run_dir / "results.json"))
     write_bytes(run_dir / "results.md", results_markdown(summary).encode())
     _plot_accuracy(summary, run_dir / "accuracy.png")
     parts = ["<!doctype html><meta charset='utf-8'><title>skdcgn run report</title>",
@@ -145,7 +184,10 @@ def _table_html(summary: dict) -> str:
 
 def _eval_summary(ev: dict) -> str:
     lines = []
-    for m, d in ev.get("mechanisms", ev).items():
+    mechanisms = ev.get("mechanisms", ev)
+    if not isinstance(mechanisms, dict):
+        return ""
+    for m, d in mechanisms.items():
         if isinstance(d, dict):
             lines.append(f"{m}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
                                              if not isinstance(v, (dict, list))))

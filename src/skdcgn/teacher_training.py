@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from .compose import compose
 from .config import config_from_dict, resolve_device
 from .errors import SkdcgnError
-from .io import MANIFEST, atomic_path, stage_complete, write_json, write_manifest
+from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
@@ -273,8 +274,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     """Atomically write `state`; the previous checkpoint is kept as `<name>.prev`."""
     if path.exists():
         os.replace(path, path.with_suffix(".prev.pt"))
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialise in memory: a failed write is then a plain OSError
+    write_bytes(path, buf.getvalue())
 
 
 def _load_checkpoint(path: Path) -> dict | None:
@@ -288,6 +290,7 @@ def _load_checkpoint(path: Path) -> dict | None:
             errors.append(f"{p.name}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
             continue
         if isinstance(state, dict) and {"step", "config", "cgn", "disc", "opt_g", "opt_d", "rng"} <= set(state):
+            check_finite(state, str(p))
             return state
         errors.append(f"{p.name}: not a teacher-training checkpoint")
     if errors:
@@ -333,7 +336,7 @@ def _trim_csv(path: Path, last_step: int) -> None:
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step] if rows else []
+    keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= last_step] if rows else []
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(keep)
@@ -384,13 +387,21 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     step = 0
     saved = _load_checkpoint(ckpt_path)
     if saved is not None:
+        if not isinstance(saved["config"], dict):
+            raise SkdcgnError(f"{ckpt_path}: not a teacher-training checkpoint (no config); delete it to start over")
         _check_resumable(saved["config"], dataclasses.asdict(config), variant, saved.get("variant"), ckpt_path)
-        cgn.load_state_dict(saved["cgn"])
-        disc.load_state_dict(saved["disc"])
-        opt_g.load_state_dict(saved["opt_g"])
-        opt_d.load_state_dict(saved["opt_d"])
-        gen.set_state(saved["rng"])
-        step = int(saved["step"])
+        try:
+            cgn.load_state_dict(saved["cgn"])
+            disc.load_state_dict(saved["disc"])
+            opt_g.load_state_dict(saved["opt_g"])
+            opt_d.load_state_dict(saved["opt_d"])
+            gen.set_state(saved["rng"])
+            step = int(saved["step"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise SkdcgnError(f"{ckpt_path}: not a usable checkpoint for this run ({first}); delete it to start over") from None
+        if step < 0:
+            raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}; delete it to start over")
         if step > config.steps:
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
         _trim_csv(csv_path, step)
