@@ -16,12 +16,26 @@ def load_cgn(name_or_path: str | os.PathLike):
     - `students:<dir>`: distilled students; `<dir>` is a run directory, its `distill/` folder, or
       a folder holding `shape/`, `foreground/` and `background/` student folders.
     - a path to a folder written by `CGN.save_pretrained`, or an original CGN-MNIST `.pth` file.
+    - `imagenet-biggan:<dir>`: the CGN-ImageNet initialisation, a BigGAN-deep checkpoint folder
+      (config.json + pytorch_model.bin) for all three mechanisms, with U2-Net's `u2net.pth` in it.
+    - `imagenet-cgn:<file>`: a trained CGN-ImageNet state_dict (f_shape, f_text, f_bg, biggan_GT, u2net).
+    (The ImageNet teachers need `pip install 'skdcgn[imagenet]'`; see docs/imagenet.md.)
     """
     from .models.cgn import CGN, MECHANISMS
     from .models.cgn_mnist import SHIPPED_TEACHERS, load_original_cgn_mnist, shipped_teacher_path
     from .models.pretrained import load_model
 
     spec = str(name_or_path)
+    if spec.startswith(("imagenet-biggan:", "imagenet-cgn:")):
+        from .models.imagenet import load_biggan_folder, load_cgn_imagenet
+
+        kind, _, target = spec.partition(":")
+        if kind == "imagenet-cgn":
+            return load_cgn_imagenet(target)
+        u2net = Path(target) / "u2net.pth"
+        if not u2net.is_file():
+            raise SkdcgnError(f"{u2net}: file not found (put U2-Net's u2net.pth beside the BigGAN checkpoint)")
+        return load_biggan_folder(target, u2net=u2net)
     if spec in SHIPPED_TEACHERS:
         return load_original_cgn_mnist(shipped_teacher_path(spec))
     if spec.startswith("students:"):

@@ -290,6 +290,10 @@ def render_markdown(doc: dict) -> str:
 
 
 def render_run(rec: dict) -> list[str]:
+    if rec.get("kind") == "pipeline":  # recorded by `skdcgn run --record`
+        from .pipeline import render_record
+
+        return render_record(rec)
     hw = rec["hardware"]
     L = [f"## Run `{rec['key']}`", "",
          f"- command: `{rec['command']}`",
@@ -407,3 +411,77 @@ def _render_masks(health: dict) -> list[str]:
 
 def command_line() -> str:
     return "skdcgn " + " ".join(sys.argv[1:])
+
+
+# ---- ImageNet track: full-size random-weight CGN-ImageNet teacher vs 256-px students -----------
+
+def imagenet_models(image_size: int = 256, seed: int = 0) -> dict:
+    """The full-size CGN-ImageNet teacher (three BigGAN-deep-256 + the full U2-Net) and a CGN of
+    three ImageNet students, all with random weights: cost does not depend on the weights."""
+    from .models.cgn import CGN, MECHANISMS
+    from .models.imagenet import ImageNetMechanismConfig, random_cgn
+    from .models.students import imagenet_student_config, make_student
+
+    def teacher_config(m: str) -> ImageNetMechanismConfig:
+        cfg = ImageNetMechanismConfig(mechanism=m)
+        cfg.validate()
+        return cfg
+
+    teacher = random_cgn(teacher_config, seed=seed)
+    torch.manual_seed(seed)
+    students = CGN(*(make_student(imagenet_student_config(m, image_size)) for m in MECHANISMS)).eval()
+    return {"teacher": teacher, "student": students}
+
+
+def run_imagenet_bench(device: str = "cpu", batch_sizes: tuple[int, ...] = (1,), repeats: int = 2, warmup: int = 1,
+                       units: tuple[str, ...] = ("shape", "foreground", "background", "composite"),
+                       out: str | os.PathLike | None = "docs/imagenet_results.json", threads: int | None = None,
+                       log: Callable[[str], None] = print) -> dict:
+    """Parameters, MACs and images/s of the CGN-ImageNet teacher vs the 256-px students.
+
+    Uses `metrics.cost.cost_table` (interleaved timing, MACs from torch's FLOP counter, one image
+    per MAC count). On a CPU the teacher needs seconds per composite: keep batches and repeats
+    small. The record is merged into `out` (a JSON file keyed by device type) when given.
+    """
+    from .metrics.cost import cost_table
+
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    models = imagenet_models()
+    cost = cost_table(models, dev, batch_sizes, units=units, warmup=warmup, repeats=repeats, min_seconds=0.0,
+                      mac_batch=1, log=log)
+    record = {"key": f"imagenet-256-{dev.type}", "hardware": hardware_info(dev),
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "params": {k: m.get_num_params() for k, m in models.items()}, "cost": cost,
+              "seconds": round(time.time() - t0, 1)}
+    for r in cost["ratios"]:
+        log(f"{r['unit']}: params {r['params']:.1f}x, MACs {r['macs']:.1f}x, speed "
+            + ", ".join(f"batch {b}: {v:.1f}x" for b, v in r["speed"].items()))
+    if out is not None:
+        out = Path(out)
+        runs = read_json(out).get("runs", {}) if out.is_file() else {}
+        runs[record["key"]] = record
+        write_json(out, {"runs": runs})
+        log(f"wrote {out} ({record['seconds']:.0f}s)")
+    return record
+
+
+def render_imagenet(record: dict) -> str:
+    """A markdown table of one `run_imagenet_bench` record."""
+    cost = record["cost"]
+    b = cost["batch_sizes"]
+    lines = ["| unit | model | params | MACs / image | " + " | ".join(f"images/s (batch {x})" for x in b) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(b)]
+    for r in cost["rows"]:
+        macs = r["macs_per_image"]
+        lines.append(f"| {r['unit']} | {r['model']} | {r['params']:,} | "
+                     f"{f'{macs / 1e9:,.1f} G' if macs >= 1e9 else f'{macs / 1e6:,.0f} M'} | "
+                     + " | ".join(f"{r['images_per_s'][x]:.3g}" for x in b) + " |")
+    lines += ["", "| unit | params ratio | MACs ratio | " + " | ".join(f"speed-up (batch {x})" for x in b) + " |",
+              "|---|---:|---:|" + "---:|" * len(b)]
+    for r in cost["ratios"]:
+        lines.append(f"| {r['unit']} | {r['params']:.1f}× | {r['macs']:.0f}× | "
+                     + " | ".join(f"{r['speed'][x]:.1f}×" for x in b) + " |")
+    return "\n".join(lines) + "\n"

@@ -20,12 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="docs/results.md", help="markdown file; the JSON twin goes beside it")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="cost tables only")
+    p.add_argument("--imagenet", action="store_true",
+                   help="instead: cost of the full-size random-weight CGN-ImageNet teacher (3x BigGAN-deep-256 + "
+                        "U2-Net) vs the 256-px students (params, MACs, images/s); writes docs/imagenet_results.json")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="with --imagenet (default: 1)")
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from ..bench import command_line, run_bench
 
+    if args.imagenet:
+        from ..bench import render_imagenet, run_imagenet_bench
+
+        print(render_imagenet(run_imagenet_bench(args.device, tuple(args.batch_sizes), threads=args.threads)))
+        return 0
     run_bench(args.preset, args.device, args.teacher, args.students, args.out, command=command_line(),
               threads=args.threads, quality=args.quality,
               distill=args.distill, distill_dir=args.distill_dir)

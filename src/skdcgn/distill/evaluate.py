@@ -79,11 +79,12 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config, 
         folder = out_dir / "students" / m
         if (folder / "config.json").is_file():
             students[m] = load_model(folder).to(device).eval()
-    n_classes = teacher_cgn.n_classes
+    n_classes = min(teacher_cgn.n_classes, 10)  # grid columns: the first 10 classes (ImageNet has 1000)
+    eval_batch = min(500, getattr(config, "query_batch_size", 500))  # ImageNet teachers: smaller batches
     y_grid = torch.arange(2 * n_classes) % n_classes  # two samples per class
     for m in mechanisms:
         s = students[m]
-        entry = compare_mechanism(teacher[m], s, m, config.n_eval, config.eval_seed)
+        entry = compare_mechanism(teacher[m], s, m, config.n_eval, config.eval_seed, batch_size=eval_batch)
         entry["params"] = s.get_num_params()
         entry["teacher_params"] = teacher[m].get_num_params()
         if timings and m in timings:
@@ -98,10 +99,10 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config, 
         student_cgn = CGN(*(students[m] for m in MECHANISMS)).eval()
         n, l1 = config.n_eval, []
         g_t, g_s = torch.Generator().manual_seed(config.eval_seed), torch.Generator().manual_seed(config.eval_seed)
-        y = torch.arange(n) % n_classes
-        for s in range(0, n, 500):
-            x_t = teacher_cgn.sample(y[s:s + 500], generator=g_t)[3].cpu()
-            x_s = student_cgn.sample(y[s:s + 500], generator=g_s)[3].cpu()
+        y = torch.arange(n) % teacher_cgn.n_classes
+        for s in range(0, n, eval_batch):
+            x_t = teacher_cgn.sample(y[s:s + eval_batch], generator=g_t)[3].cpu()
+            x_s = student_cgn.sample(y[s:s + eval_batch], generator=g_s)[3].cpu()
             l1.append((x_t - x_s).abs().flatten(1).mean(1))
         grid_y = torch.arange(3 * n_classes) % n_classes
         x_t = teacher_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]

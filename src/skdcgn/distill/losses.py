@@ -58,10 +58,20 @@ class DistillLoss:
     def uses_discriminator(self) -> bool:
         return self.w.adversarial > 0 or self.w.feature_matching > 0
 
-    def discriminator_loss(self, disc: nn.Module, real: Tensor, fake: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Hinge loss; `fake` must be detached from the student's graph."""
-        logits_real, _ = disc(real, y)
-        logits_fake, _ = disc(fake, y)
+    def discriminator_loss(self, disc: nn.Module, real: Tensor, fake: Tensor, y: Tensor,
+                           fused: bool = False) -> tuple[Tensor, dict[str, float]]:
+        """Hinge loss; `fake` must be detached from the student's graph.
+
+        `fused`: one call of `disc` on real and fake together (what DistributedDataParallel
+        needs: one forward per backward); the same loss up to spectral norm's power iteration,
+        which then runs once per step instead of twice.
+        """
+        if fused:
+            logits, _ = disc(torch.cat([real, fake.to(real.dtype)]), torch.cat([y, y]))
+            logits_real, logits_fake = logits[:len(real)], logits[len(real):]
+        else:
+            logits_real, _ = disc(real, y)
+            logits_fake, _ = disc(fake, y)
         loss_real = F.relu(1.0 - logits_real).mean()
         loss_fake = F.relu(1.0 + logits_fake).mean()
         loss = loss_real + loss_fake

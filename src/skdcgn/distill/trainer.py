@@ -13,6 +13,17 @@ Each stage is skipped when its manifest matches the config, and resumes from its
 when interrupted. Resume is exact: the checkpoint holds the weights of student, discriminator
 and EMA, both optimizers, the step and the loss log; the data order and every random draw are
 pure functions of (seed, step), so on CPU a resumed run ends with bitwise the same weights.
+
+The same loop serves the ImageNet track (presets `imagenet-128`, `imagenet-256`):
+- `online=True` queries the teacher for every batch instead of reading a stored transfer set
+  (`query.OnlineTeacher`; same seeded inputs, same quantised targets, nothing on disk);
+- under `torchrun` (WORLD_SIZE > 1) it trains data-parallel with DistributedDataParallel: every
+  rank takes its contiguous slice of the same seeded global batch (batch_size is global),
+  gradients are averaged, rank 0 writes checkpoints, samples, logs and the final student, and
+  all ranks resume from rank 0's checkpoint. Results are deterministic for a fixed world size
+  (batch-norm statistics are per rank, so they differ from a single-process run). The
+  discriminator's step then calls it once on real and fake together (DDP needs one forward per
+  backward). Transfer sets are written in parallel too: shard i by rank i % world_size.
 """
 from __future__ import annotations
 
@@ -34,13 +45,15 @@ from tqdm import tqdm
 from ..config import config_from_dict, resolve_device
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
-from ..io import config_hash, finite_float, stage_complete, write_bytes, write_manifest
+from ..io import (check_finite, config_hash, finite_float, remove_stale_temporaries, stage_complete, write_bytes,
+                  write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
-from .query import TransferSet, derive_seed, query_teacher
+from .distributed import DistEnv, barrier, broadcast_state, init_distributed, wrap
+from .query import OnlineTeacher, TransferSet, derive_seed, query_teacher
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
@@ -84,13 +97,18 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda[:N]
     threads: int = 0  # CPU threads for torch (0: leave torch's setting); 1 is fastest on a crowded machine
     bf16: bool = False  # bf16 autocast (CUDA only)
+    # ImageNet track (defaults: the CGN-MNIST behaviour; left out of stage hashes while at their defaults)
+    student_image_size: int = 32  # student output side: 32, 128 or 256 (must match the teacher's)
+    shifted_texture: bool = True  # texture students shifted at composition (CGN-MNIST); false for ImageNet
+    online: bool = False  # query the teacher during training instead of storing a transfer set
+    query_batch_size: int = 1000  # teacher batch when writing a transfer set
 
     def validate(self) -> None:
         for name, lo, hi in (("n_transfer", 1, 10_000_000), ("shard_size", 1, 10_000_000), ("steps", 1, 10_000_000),
                              ("batch_size", 1, 65_536), ("n_eval", 1, 1_000_000), ("log_interval", 1, 10_000_000),
                              ("sample_interval", 1, 10_000_000), ("checkpoint_interval", 1, 10_000_000),
                              ("student_extra_blocks", 0, 16), ("threads", 0, 1024), ("texture_steps", 0, 10_000_000), ("student_embed_dim", 1, 4096), ("seed", 0, 2**62),
-                             ("eval_seed", 0, 2**62)):
+                             ("eval_seed", 0, 2**62), ("query_batch_size", 1, 65_536)):
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise SkdcgnError(f"{name}: {v} is outside [{lo}, {hi}]")
@@ -102,7 +120,7 @@ class DistillConfig:
                 raise SkdcgnError(f"{name}: {v} must be below 1")
         if self.u_dtype not in ("float32", "float16"):
             raise SkdcgnError(f"u_dtype: {self.u_dtype!r} is not one of float32, float16")
-        if self.batch_size > self.n_transfer:
+        if self.batch_size > self.n_transfer and not self.online:
             raise SkdcgnError(f"batch_size: {self.batch_size} is larger than n_transfer ({self.n_transfer})")
         self.loss_weights().validate()
         self.student_config("shape").validate()
@@ -117,9 +135,11 @@ class DistillConfig:
         return LossWeights(self.pixel_weight, self.adversarial_weight, self.feature_matching_weight, self.mask_loss)
 
     def student_config(self, mechanism: str, n_classes: int = 10, latent_dim: int = 32) -> StudentConfig:
+        extra = {"image_size": self.student_image_size} if self.student_image_size != 32 else {}
         cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim,
                             embed_dim=self.student_embed_dim, widths=tuple(self.student_widths),
-                            extra_blocks=self.student_extra_blocks, shifted_texture=mechanism != "shape")
+                            extra_blocks=self.student_extra_blocks,
+                            shifted_texture=mechanism != "shape" and self.shifted_texture, **extra)
         cfg.validate()
         return cfg
 
@@ -134,7 +154,37 @@ PRESETS: dict[str, dict] = {
     "tiny": {"n_transfer": 256, "shard_size": 64, "steps": 6, "texture_steps": 0, "batch_size": 16, "n_eval": 32,
              "student_widths": (8, 8, 8), "student_extra_blocks": 0, "disc_widths": (8, 8),
              "log_interval": 2, "sample_interval": 3, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.3},
+    # ImageNet (CGN-ImageNet teacher, 1000 classes): TinyGAN-style students, ≤ 1/15 of a BigGAN-deep-256
+    # each; meant for GPUs under torchrun (batch_size is global), with bf16
+    "imagenet-256": {"student_image_size": 256, "student_widths": (256, 192, 128, 64, 32, 16), "student_embed_dim": 128,
+                     "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
+                     "n_transfer": 1_000_000, "shard_size": 5_000, "query_batch_size": 50, "steps": 200_000,
+                     "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
+                     "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
+                     "benchmark": False},
+    "imagenet-128": {"student_image_size": 128, "student_widths": (256, 192, 128, 64, 32), "student_embed_dim": 128,
+                     "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
+                     "n_transfer": 1_000_000, "shard_size": 10_000, "query_batch_size": 100, "steps": 200_000,
+                     "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
+                     "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
+                     "benchmark": False},
+    # unit tests of the ImageNet path (a tiny 32-px BigGAN teacher, 1000 classes)
+    "imagenet-tiny": {"n_transfer": 64, "shard_size": 16, "steps": 4, "texture_steps": 0, "batch_size": 8, "n_eval": 8,
+                      "student_widths": (8, 8, 8), "student_extra_blocks": 0, "student_embed_dim": 8,
+                      "disc_widths": (8, 8), "shifted_texture": False, "query_batch_size": 16, "log_interval": 1,
+                      "sample_interval": 2, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.5},
 }
+IMAGENET_FIELDS = {"student_image_size": 32, "shifted_texture": True, "online": False, "query_batch_size": 1000}
+
+
+def config_record(config: DistillConfig) -> dict:
+    """The config as hashed into stage manifests: the ImageNet-track fields only when they differ
+    from their defaults, so CGN-MNIST runs made before they existed are still recognised."""
+    record = dataclasses.asdict(config)
+    for k, default in IMAGENET_FIELDS.items():
+        if record[k] == default:
+            del record[k]
+    return record
 
 
 def preset(name: str, **overrides) -> DistillConfig:
@@ -153,7 +203,7 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
         if m not in MECHANISMS:
             raise SkdcgnError(f"mechanism: {m!r} is not one of {', '.join(MECHANISMS)}")
     run_dir = Path(run_dir)
-    device = resolve_device(config.device)
+    env, device = init_distributed(resolve_device(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)
     teacher_cgn = teacher_cgn.to(device).eval()
@@ -161,31 +211,48 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
     for m in mechanisms:
         mech = teacher_cgn.mechanisms()[m]
         t0 = time.perf_counter()
-        folder = query_teacher(mech, run_dir / "transfer" / m, config.n_transfer, config.shard_size,
-                               derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
-                               latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes,
-                               device=device, progress=progress)
+        source: TransferSet | OnlineTeacher
+        if config.online:
+            source = OnlineTeacher(mech, mech.config.latent_dim, mech.config.n_classes, device=device)
+        else:
+            folder = query_teacher(mech, run_dir / "transfer" / m, config.n_transfer, config.shard_size,
+                                   derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
+                                   latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes,
+                                   device=device, progress=progress and env.is_main,
+                                   batch_size=config.query_batch_size, rank=env.rank, world_size=env.world_size)
+            source = TransferSet(folder)
         t1 = time.perf_counter()
-        train_student(m, TransferSet(folder), run_dir / "distill" / "students" / m, config, progress=progress)
+        train_student(m, source, run_dir / "distill" / "students" / m, config, progress=progress)
         timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
-    if not evaluate:
+    if not evaluate or not env.is_main:
         return {}
     from .evaluate import evaluate_distillation
 
-    return evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
+    result = evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
+    remove_stale_temporaries(run_dir / "distill", depth=0)  # eval.json and grids of a killed evaluation
+    return result
 
 
-def train_student(mechanism: str, transfer: TransferSet, out_dir: str | os.PathLike, config: DistillConfig,
-                  progress: bool = True, stop_after: int | None = None) -> StudentGenerator | None:
-    """Train (or resume, or skip) one student; `stop_after` ends early as a kill would (tests)."""
+def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir: str | os.PathLike,
+                  config: DistillConfig, progress: bool = True, stop_after: int | None = None) -> StudentGenerator | None:
+    """Train (or resume, or skip) one student; `stop_after` ends early as a kill would (tests).
+
+    `transfer` is a stored transfer set or an `OnlineTeacher`. Under torchrun every rank calls
+    this; each returns the same final student.
+    """
     out_dir = Path(out_dir)
     tcfg = transfer.config
-    stage = {"mechanism": mechanism, "distill": dataclasses.asdict(config), "transfer": config_hash(tcfg)}
+    env, device = init_distributed(resolve_device(config.device))
+    stage = {"mechanism": mechanism, "distill": config_record(config), "transfer": config_hash(tcfg)}
+    if env.enabled:
+        stage["world_size"] = env.world_size  # a run is deterministic for a fixed world size
+        if config.batch_size % env.world_size:
+            raise SkdcgnError(f"batch_size: {config.batch_size} (global) is not divisible by WORLD_SIZE={env.world_size}")
     if stage_complete(out_dir, stage):
         return load_model(out_dir)  # type: ignore[return-value]
-    device = resolve_device(config.device)
     n_steps = config.steps_for(mechanism)
     is_mask = mechanism == "shape"
+    progress = progress and env.is_main
     loss_fn = DistillLoss(config.loss_weights(), is_mask)
     student_cfg = config.student_config(mechanism, int(tcfg["n_classes"]), int(tcfg["latent_dim"]))
 
@@ -199,20 +266,32 @@ def train_student(mechanism: str, transfer: TransferSet, out_dir: str | os.PathL
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=config.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=config.lr_d, betas=betas) if D is not None else None
+    if env.enabled:  # gradients averaged in backward; the student's logits are its DDP "forward"
+        forward_g: nn.Module = wrap(_Logits(G), env, device)
+        D_ddp = wrap(D, env, device) if D is not None else None
+    else:
+        forward_g, D_ddp = G.pre_activation, None  # type: ignore[assignment]
 
     step, rows, elapsed = 0, [], 0.0
     ckpt = out_dir / CHECKPOINT
     if ckpt.is_file():
         state = _load_checkpoint(ckpt)
         if state.get("stage_hash") == config_hash(stage):
-            step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
-            G.load_state_dict(state["G"])
-            opt_g.load_state_dict(state["opt_g"])
-            if D is not None:
-                D.load_state_dict(state["D"])
-                opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
+            try:
+                step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
+                if not 0 <= step <= n_steps:
+                    raise ValueError(f"step {step} is outside [0, {n_steps}]")
+                G.load_state_dict(state["G"])
+                opt_g.load_state_dict(state["opt_g"])
+                if D is not None:
+                    D.load_state_dict(state["D"])
+                    opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
+                if ema is not None:
+                    ema.load_state_dict(state["ema"])
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise SkdcgnError(f"{ckpt}: not a usable checkpoint for this run ({first}); "
+                                  "delete it to start this mechanism over") from None
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -228,16 +307,21 @@ def train_student(mechanism: str, transfer: TransferSet, out_dir: str | os.PathL
         if opt_d is not None:
             for group in opt_d.param_groups:
                 group["lr"] = config.lr_d * lr_scale
-        u, y, real = (t.to(device) for t in transfer.batch(step, config.batch_size, data_seed))
+        batch = transfer.batch(step, config.batch_size, data_seed, env.part) if env.enabled else \
+            transfer.batch(step, config.batch_size, data_seed)
+        u, y, real = (t.to(device) for t in batch)
         G.train()
         with autocast:
-            logits = G.pre_activation(u, y)                           # [B, C, 32, 32]
+            logits = forward_g(u, y)                                  # [B, C, S, S]
             fake = G.activate(logits)
             logs = {}
             adversarial = D is not None and step >= int(config.adv_start * n_steps)
             if adversarial:
                 D.requires_grad_(True)
-                d_loss, d_logs = loss_fn.discriminator_loss(D, real, fake.detach(), y)
+                if D_ddp is not None:
+                    d_loss, d_logs = loss_fn.discriminator_loss(D_ddp, real, fake.detach(), y, fused=True)
+                else:
+                    d_loss, d_logs = loss_fn.discriminator_loss(D, real, fake.detach(), y)
                 opt_d.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 d_loss.backward()
                 opt_d.step()  # type: ignore[union-attr]
@@ -260,22 +344,38 @@ def train_student(mechanism: str, transfer: TransferSet, out_dir: str | os.PathL
             rows.append([float(step), *(float(logs.get(k, float("nan"))) for k in LOG_FIELDS[1:-2]),
                          config.lr_g * lr_scale, round(time.perf_counter() - t_start, 3)])
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k in ("pixel", "d_loss")})
-        if step % config.sample_interval == 0 or step == n_steps:
+        if env.is_main and (step % config.sample_interval == 0 or step == n_steps):
             _save_samples(ema or G, transfer, fixed, out_dir / "samples" / f"step_{step:07d}.png", device, is_mask)
         if step % config.checkpoint_interval == 0 or step == n_steps:
-            _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d)
-            _write_log(out_dir / "losses.csv", rows)
+            if env.is_main:
+                _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d)
+                _write_log(out_dir / "losses.csv", rows)
+            barrier(env)
         if stop_after is not None and step >= stop_after and step < n_steps:
             bar.close()
             return None
     bar.close()
     final = (ema or G).eval()
-    final.save_pretrained(out_dir)
-    _write_log(out_dir / "losses.csv", rows)
-    write_manifest(out_dir, stage, params=final.get_num_params(), steps=step,
-                   train_seconds=round(time.perf_counter() - t_start, 2),
-                   final_losses={k: v for k, v in logs.items()})
+    broadcast_state(final, env)  # batch-norm statistics are per rank: every rank ends with rank 0's
+    if env.is_main:
+        final.save_pretrained(out_dir)
+        _write_log(out_dir / "losses.csv", rows)
+        write_manifest(out_dir, stage, params=final.get_num_params(), steps=step,
+                       train_seconds=round(time.perf_counter() - t_start, 2),
+                       final_losses={k: v for k, v in logs.items()})
+    barrier(env)
     return final
+
+
+class _Logits(nn.Module):
+    """DDP wraps a module's forward; a student's forward applies the activation, this one does not."""
+
+    def __init__(self, G: StudentGenerator) -> None:
+        super().__init__()
+        self.G = G
+
+    def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        return self.G.pre_activation(u, y)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -301,6 +401,7 @@ def _load_checkpoint(path: Path) -> dict:
                           "delete it to start this mechanism over") from None
     if not isinstance(state, dict) or "step" not in state:
         raise SkdcgnError(f"{path}: not a distillation checkpoint")
+    check_finite(state, str(path))
     return state
 
 

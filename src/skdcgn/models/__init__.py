@@ -7,3 +7,4 @@ from . import students, discriminators  # noqa: F401
 from . import classifier  # noqa: F401
 from . import domain_net  # noqa: F401
 from . import cgn_discriminator  # noqa: F401
+from . import imagenet  # noqa: F401  (needs pytorch-pretrained-biggan only when a BigGAN is built)

@@ -1,6 +1,7 @@
 """TinyGAN-style student mechanisms: small class-conditional generators that replace a CGN teacher.
 
-A student has the teacher mechanism's interface, `forward(u [N, latent_dim], y [N]) -> [N, C, 32, 32]`,
+A student has the teacher mechanism's interface, `forward(u [N, latent_dim], y [N]) -> [N, C, S, S]`
+(S = `image_size`: 32 for CGN-MNIST, 128 or 256 for CGN-ImageNet, one up-block per doubling),
 so a CGN of three students composes exactly like the teacher (same noise draw, same seeded
 texture shift). Layout, after TinyGAN (Chang & Lu, 2020) scaled down to 32 px:
 
@@ -34,6 +35,8 @@ from .pretrained import PretrainedModel, register
 
 from .cgn import MECHANISMS  # noqa: E402  (shape, foreground, background)
 
+SIZES = (32, 64, 128, 256, 512)
+
 
 @dataclasses.dataclass
 class StudentConfig:
@@ -41,9 +44,10 @@ class StudentConfig:
     n_classes: int = 10
     latent_dim: int = 32
     embed_dim: int = 16  # class embedding size, fed (with u) to every conditional BN
-    widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8 and 16 px
-    extra_blocks: int = 1  # residual blocks at 16 px after the up-sampling ones
+    widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8, 16, ... px up to image_size / 2
+    extra_blocks: int = 1  # residual blocks at image_size / 2 after the up-sampling ones
     shifted_texture: bool = False  # textures: seeded circular shift at composition (like the teacher)
+    image_size: int = 32  # output side: 32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2
 
     def validate(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -51,13 +55,22 @@ class StudentConfig:
         for name in ("n_classes", "latent_dim", "embed_dim"):
             if not 1 <= getattr(self, name) <= 4096:
                 raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
-        if len(self.widths) != 3 or not all(isinstance(w, int) and 1 <= w <= 1024 for w in self.widths):
-            raise SkdcgnError(f"widths: expected 3 channel counts in [1, 1024] (for 4, 8, 16 px), got {list(self.widths)}")
+        if self.image_size not in SIZES:
+            raise SkdcgnError(f"image_size: {self.image_size} is not one of {', '.join(map(str, SIZES))}")
+        k = self.n_resolutions
+        if len(self.widths) != k or not all(isinstance(w, int) and 1 <= w <= 1024 for w in self.widths):
+            px = ", ".join(str(4 * 2 ** i) for i in range(k))
+            raise SkdcgnError(f"widths: expected {k} channel counts in [1, 1024] (for {px} px), got {list(self.widths)}")
         if not 0 <= self.extra_blocks <= 16:
             raise SkdcgnError(f"extra_blocks: {self.extra_blocks} is outside [0, 16]")
-        if self.shifted_texture != (self.mechanism != "shape"):
-            raise SkdcgnError(f"shifted_texture: must be {self.mechanism != 'shape'} for the {self.mechanism} mechanism "
-                              "(textures are shifted at composition, masks are not)")
+        if self.shifted_texture and self.mechanism == "shape":
+            raise SkdcgnError("shifted_texture: must be false for the shape mechanism "
+                              "(textures may be shifted at composition, masks are not)")
+
+    @property
+    def n_resolutions(self) -> int:
+        """Resolutions with a width: 4, 8, ... image_size / 2 px."""
+        return self.image_size.bit_length() - 3
 
     @property
     def out_channels(self) -> int:
@@ -116,24 +129,24 @@ class StudentGenerator(PretrainedModel):
     def __init__(self, config: StudentConfig) -> None:
         config.validate()
         super().__init__(config)
-        c4, c8, c16 = config.widths
+        w = config.widths  # (c4, c8, c16) at 32 px; (c4, ..., c128) at 256 px
         cond_dim = config.latent_dim + config.embed_dim
         self.embed = nn.Embedding(config.n_classes, config.embed_dim)
-        self.seed = nn.Linear(cond_dim, c4 * 4 * 4)
-        self.blocks = nn.ModuleList([Block(c4, c8, cond_dim, upsample=True), Block(c8, c16, cond_dim, upsample=True),
-                                     *(Block(c16, c16, cond_dim, upsample=False) for _ in range(config.extra_blocks))])
-        self.out_bn = nn.BatchNorm2d(c16)
-        self.out_conv = nn.Conv2d(c16, 4 * config.out_channels, 3, padding=1)  # 4 sub-pixels per 16-px pixel
+        self.seed = nn.Linear(cond_dim, w[0] * 4 * 4)
+        self.blocks = nn.ModuleList([*(Block(a, b, cond_dim, upsample=True) for a, b in zip(w[:-1], w[1:])),
+                                     *(Block(w[-1], w[-1], cond_dim, upsample=False) for _ in range(config.extra_blocks))])
+        self.out_bn = nn.BatchNorm2d(w[-1])
+        self.out_conv = nn.Conv2d(w[-1], 4 * config.out_channels, 3, padding=1)  # 4 sub-pixels per last-stage pixel
 
     def pre_activation(self, u: Tensor, y: Tensor) -> Tensor:
-        """Logits of the output (before sigmoid / tanh): [N, C_out, 32, 32]."""
+        """Logits of the output (before sigmoid / tanh): [N, C_out, S, S], S = image_size."""
         cond = torch.cat([u, self.embed(y)], dim=1)            # [N, latent + embed]
         x = self.seed(cond).view(len(u), -1, 4, 4)             # [N, C4, 4, 4]
         x = x.contiguous(memory_format=torch.channels_last)    # oneDNN's fast layout for (depthwise) convs on CPU
         for block in self.blocks:
-            x = block(x, cond)                                 # [N, C8, 8, 8], [N, C16, 16, 16], ...
-        x = self.out_conv(F.relu(self.out_bn(x)))              # [N, 4 * C_out, 16, 16]
-        return F.pixel_shuffle(x.contiguous(), 2)              # [N, C_out, 32, 32], plain NCHW
+            x = block(x, cond)                                 # [N, C8, 8, 8], [N, C16, 16, 16], ... S/2 px
+        x = self.out_conv(F.relu(self.out_bn(x)))              # [N, 4 * C_out, S/2, S/2]
+        return F.pixel_shuffle(x.contiguous(), 2)              # [N, C_out, S, S], plain NCHW
 
 
 @register
@@ -175,6 +188,22 @@ class TextureStudent(StudentGenerator):
 def default_student_config(mechanism: str, **overrides) -> StudentConfig:
     """The default (budgeted) student for a mechanism: ≤ 25% of the teacher's parameters."""
     cfg = StudentConfig(mechanism=mechanism, shifted_texture=mechanism != "shape", **overrides)
+    cfg.validate()
+    return cfg
+
+
+# TinyGAN-style ImageNet students (1000 classes, BigGAN's 128-d noise), each ≤ 1/15 of a
+# BigGAN-deep-256 (55,880,833 parameters): see docs/imagenet.md for counts and speed.
+IMAGENET_WIDTHS = {128: (256, 192, 128, 64, 32), 256: (256, 192, 128, 64, 32, 16)}
+
+
+def imagenet_student_config(mechanism: str, image_size: int = 256, n_classes: int = 1000, latent_dim: int = 128,
+                            **overrides) -> StudentConfig:
+    if image_size not in IMAGENET_WIDTHS and "widths" not in overrides:
+        raise SkdcgnError(f"image_size: ImageNet students come at {', '.join(map(str, IMAGENET_WIDTHS))} px, got {image_size}")
+    values = {"embed_dim": 128, "extra_blocks": 0, "widths": IMAGENET_WIDTHS.get(image_size), **overrides}
+    cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim, image_size=image_size,
+                        shifted_texture=False, **values)
     cfg.validate()
     return cfg
 
