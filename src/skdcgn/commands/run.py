@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="quick: a few minutes on a laptop CPU; full: the CGN paper protocol (GPU recommended)")
     p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--record", metavar="MD", help="also add the accuracy table to this results file (e.g. docs/results.md)")
     add_config_arguments(p, RunConfig, skip=("variants",))
     p.set_defaults(func=run_command)
 
@@ -33,6 +34,10 @@ def run_command(args: argparse.Namespace) -> None:
     run_dir = args.run_dir or f"runs/{args.preset}"
     t0 = time.perf_counter()
     summary = run(run_dir, config, progress=not args.quiet)
+    if args.record:
+        from ..pipeline import record_results
+
+        record_results(args.record, run_dir, summary, args.preset)
     print(format_table(summary))
     print(f"done in {time.perf_counter() - t0:.0f} s: {run_dir}/results.md, {run_dir}/report.html")
 
