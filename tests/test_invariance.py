@@ -12,21 +12,14 @@ import skdcgn
 from skdcgn import counterfactuals as cf_module
 from skdcgn.cli import main
 from skdcgn.compose import COMPOSERS
-from skdcgn.counterfactuals import generate_counterfactuals, load_image_dataset, to_float
+from skdcgn.counterfactuals import generate_counterfactuals, load_image_dataset
+from skdcgn.images import to_float
 from skdcgn.errors import SkdcgnError
 from skdcgn.invariance import ClassifierConfig, evaluate, train_classifier
 from skdcgn.models.cgn import CGN
 from skdcgn.models.classifier import Classifier, ClassifierNetConfig
 from skdcgn.models.pretrained import PretrainedModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and kinder to a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- a fake CGN whose classes can be read back from the composite's pixels ----------------------

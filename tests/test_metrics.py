@@ -14,14 +14,6 @@ from skdcgn.metrics.cost import cost_table, count_macs, count_params
 from skdcgn.metrics.fid import feature_stats, fid, frechet_distance, intra_fid, kid, mmd2_unbiased
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Timing loops on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
     a = rng.normal(size=(d, d))

@@ -33,19 +33,12 @@ from skdcgn.data import variants
 from skdcgn.data.mnist import mnist_files
 from skdcgn.io import load_tensors, save_tensors, write_manifest
 from skdcgn.models.cgn import CGN
-from skdcgn.models.cgn_mnist import SHIPPED_TEACHERS, shipped_teacher_path, teacher_mechanisms
+from skdcgn.models.cgn_mnist import shipped_teacher_path, teacher_mechanisms
 from skdcgn.models.classifier import Classifier, ClassifierNetConfig
 
 HAS_CUDA = torch.cuda.is_available()
 PROGRESS_BAR = re.compile(r"^[\w ./-]+:\s+\d+%\|")  # tqdm's lines: progress, not messages
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- good artifacts, made once; each test corrupts its own copy ------------------------------------
@@ -565,7 +558,7 @@ def test_full_disk_on_a_real_small_filesystem(stage, t, good):
                 "--device", "cpu", "--out", disk / "ds"]
         assert main(map(str, argv[:-1] + [t / "ref"])) == 0
     else:  # torch.save-d checkpoints of teacher training: 2.9 MB at ngf 8, more than the disk holds
-        (t / "disk_run.py").write_text(textwrap.dedent(f"""
+        (t / "disk_run.py").write_text(textwrap.dedent("""
             import sys, torch
             from skdcgn import teacher_training as tt
             def data(variant, data_seed=0):

@@ -357,7 +357,7 @@ def _k(d: dict, b: int):
 
 
 def _render_quality(q: dict) -> list[str]:
-    L = [f"### Quality: FID / KID in the domain network's feature space", "",
+    L = ["### Quality: FID / KID in the domain network's feature space", "",
          f"{q['feature_space']}. {q['n_per_set']:,} images per set, classes balanced; real = `{q['real']}` "
          f"(the domain network reads its digits with accuracy {q['domain_net_accuracy_on_real']:.3f}). "
          f"KID: unbiased MMD² (cubic kernel), mean ± std over {q['kid_subsets']} subsets of {q['kid_subset_size']}, "

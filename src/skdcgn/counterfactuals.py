@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .compose import COMPOSERS, compose_variant
 from .errors import SkdcgnError
 from .grids import image_grid, save_png
+from .images import to_float, to_uint8
 from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
                  stage_complete, write_json, write_manifest)
 
@@ -41,18 +42,6 @@ def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (e.g. (seed, shard)); stable across runs and platforms."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] float → uint8 (round to nearest)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def to_float(images: Tensor) -> Tensor:
-    """uint8 → float32 in [-1, 1]; float images are returned as float32."""
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1
-    return images.float()
 
 
 def weights_hash(module: torch.nn.Module) -> str:

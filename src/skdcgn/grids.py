@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from .io import write_bytes
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_rgb_array(images: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] (C = 3) or masks in [0, 1] (C = 1) → uint8 [N, H, W, 3]."""
     x = images.detach().float().cpu()
     if x.shape[1] == 1:
@@ -25,7 +25,7 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,
                row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
                title: str | None = None) -> Image.Image:
     """Tile images row by row (`nrow` per row), optionally with row/column labels and a title."""
-    arr = to_uint8(images)
+    arr = to_rgb_array(images)
     n, h, w, _ = arr.shape
     h, w = h * scale, w * scale
     ncol = nrow

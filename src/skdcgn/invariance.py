@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import resolve_device
-from .counterfactuals import derive_seed, to_float, to_uint8
+from .counterfactuals import derive_seed
+from .images import to_float, to_uint8
 from .errors import SkdcgnError
 from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_bytes, write_manifest
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig

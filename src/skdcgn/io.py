@@ -176,6 +176,28 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise SkdcgnError(f"{path}: not a valid safetensors file ({e})") from None
 
 
+def load_torch_state_dict(path: str | os.PathLike) -> dict:
+    """A foreign PyTorch checkpoint as data: zip format only, `weights_only=True`, a dict at the top."""
+    import io as _io
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (expected a zip-format state_dict saved by torch.save)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            _io.UnsupportedOperation) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
+    if not isinstance(sd, dict):
+        raise SkdcgnError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
+    return sd
+
+
 def check_state_dict(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a state dict whose keys, shapes or values do not fit `expected` (names the first problem)."""
     missing = sorted(set(expected) - set(found))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .compose import COMPOSERS
-from .config import config_from_dict, resolve_device
+from .config import resolve_device
 from .errors import SkdcgnError
 from .io import read_json, stage_complete, write_json, write_manifest
 

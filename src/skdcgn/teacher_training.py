@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from .compose import compose
 from .config import config_from_dict, resolve_device
 from .errors import SkdcgnError
+from .images import to_float
 from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
@@ -253,11 +254,6 @@ def load_train_set(variant: str, data_seed: int = 0) -> tuple[Tensor, Tensor]:
     return loader(variant, "train", seed=data_seed)
 
 
-def _as_float(images: Tensor) -> Tensor:
-    """uint8 [0, 255] → [-1, 1] exactly as the data package does; float images pass through."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()
-
-
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
     """Indices of the batch at `step`: epochs are permutations that depend only on (seed, epoch),
     so resuming needs no data-loader state. The tail of a permutation that does not fill a batch
@@ -428,7 +424,7 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     try:
         while step < config.steps:
             idx = batch_indices(step, n, config.batch_size, config.seed)
-            x_real = _as_float(images[idx]).to(device)  # [B, 3, 32, 32]
+            x_real = to_float(images[idx]).to(device)  # [B, 3, 32, 32]
             y = labels[idx].to(device)                  # [B]
 
             # generator: composites of the real batch's classes

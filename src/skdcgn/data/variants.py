@@ -30,6 +30,7 @@ from PIL import Image, ImageColor
 
 from .. import __version__
 from ..errors import SkdcgnError
+from ..images import to_float
 from ..io import cache_dir, config_hash, load_tensors, save_tensors
 from .mnist import load_mnist, mnist_fingerprint
 
@@ -234,11 +235,6 @@ def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         print(f"skdcgn: rebuilding cache file with unexpected content: {path}", file=sys.stderr)
         return None
     return images, labels
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float32 [-1, 1] (0 ↦ -1 and 255 ↦ 1 exactly)."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def load_variant_uint8(name: str, split: str, seed: int = 0, mnist_dir: str | os.PathLike | None = None

@@ -6,6 +6,7 @@ composites with the same noise and the same texture-shift seed).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 

@@ -52,7 +52,7 @@ from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
-from .distributed import DistEnv, barrier, broadcast_state, init_distributed, wrap
+from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .query import OnlineTeacher, TransferSet, derive_seed, query_teacher
 
 CHECKPOINT = "checkpoint.pt"

@@ -7,17 +7,14 @@ two ×2 up-sampling conv stages → 32 × 32.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import SkdcgnError
-from ..io import check_state_dict, sha256_file
+from ..io import check_state_dict, load_torch_state_dict, sha256_file
 from .cgn import CGN
 from .pretrained import PretrainedModel, register
 
@@ -98,25 +95,10 @@ def teacher_mechanisms(n_classes: int = 10, latent_dim: int = 32, ngf: int = 32,
             for m in ORIGINAL_PREFIX}
 
 
-def _load_original_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise SkdcgnError(f"{path}: file not found")
-    if not zipfile.is_zipfile(path):
-        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (expected a zip-format state_dict saved by torch.save)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
-    if not isinstance(sd, dict):
-        raise SkdcgnError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
-    return sd
-
-
 def load_original_cgn_mnist(path: str | os.PathLike) -> CGN:
     """Convert a CGN-MNIST checkpoint as released by the CGN authors into a `CGN` (validated)."""
     path = Path(path)
-    sd = _load_original_state_dict(path)
+    sd = load_torch_state_dict(path)
     mechs = teacher_mechanisms()
     expected = {"label_emb.weight": mechs["shape"].label_emb.weight}
     for name, mech in mechs.items():

@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import SkdcgnError
-from ...io import check_state_dict, read_json
+from ...io import check_state_dict, load_torch_state_dict, read_json
 from ..cgn import CGN, MECHANISMS
 from ..pretrained import PretrainedModel, register
 from .u2net import U2Net, U2NetConfig
@@ -218,21 +216,6 @@ class ImageNetMechanism(PretrainedModel):
 
 # ---- foreign checkpoints ------------------------------------------------------------------------
 
-def _torch_load(path: Path) -> dict:
-    if not path.is_file():
-        raise SkdcgnError(f"{path}: file not found")
-    if not zipfile.is_zipfile(path):
-        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (expected a zip-format state_dict saved by torch.save)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
-    if not isinstance(sd, dict):
-        raise SkdcgnError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
-    return sd
-
-
 def _load_checked(module: nn.Module, sd: dict, source: str) -> None:
     """Load `sd` into `module` after checking every key and shape.
 
@@ -293,7 +276,7 @@ def load_biggan_folder(folder: str | os.PathLike, u2net: str | os.PathLike | Non
     """
     folder = Path(folder)
     u2 = u2net_config or U2NetConfig()
-    sd = _torch_load(folder / BIGGAN_WEIGHTS)
+    sd = load_torch_state_dict(folder / BIGGAN_WEIGHTS)
     mechs = {}
     for m in MECHANISMS:
         cfg = _config_from_biggan_json(folder / BIGGAN_CONFIG, m, truncation=truncation,
@@ -302,7 +285,7 @@ def load_biggan_folder(folder: str | os.PathLike, u2net: str | os.PathLike | Non
         _load_checked(mech.biggan, sd, str(folder / BIGGAN_WEIGHTS))
         mechs[m] = mech
     if u2net is not None:
-        _load_checked(mechs["shape"].u2net, _torch_load(Path(u2net)), str(u2net))
+        _load_checked(mechs["shape"].u2net, load_torch_state_dict(Path(u2net)), str(u2net))
     return CGN(**mechs).eval()
 
 
@@ -321,7 +304,7 @@ def load_cgn_imagenet(path: str | os.PathLike, biggan_config: str | os.PathLike 
     BigGAN architecture: biggan-deep-256 unless `biggan_config` (a config.json) says otherwise.
     """
     path = Path(path)
-    sd = _torch_load(path)
+    sd = load_torch_state_dict(path)
     prefixes = {*CGN_IMAGENET_PREFIX.values(), "biggan_GT", "u2net"}
     stray = sorted(k for k in sd if not isinstance(k, str) or k.split(".", 1)[0] not in prefixes)
     if stray:
