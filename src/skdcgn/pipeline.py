@@ -250,7 +250,7 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
 
     from .bench import command_line, hardware_info, write_results
 
-    key = f"run-{preset}-" + "+".join(summary["results"])
+    key = f"run-{preset}-" + "+".join(summary["results"]) + ("-trained-teacher" if summary["config"]["teacher"] == "train" else "")
     write_results(out, {
         "kind": "pipeline", "key": key, "command": command_line(), "run_dir": str(run_dir),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
