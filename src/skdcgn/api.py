@@ -4,12 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from .errors import SkdcgnError
 
+if TYPE_CHECKING:
+    from .models.cgn import CGN
 
-def load_cgn(name_or_path: str | os.PathLike):
+
+def load_cgn(name_or_path: str | os.PathLike) -> CGN:
     """A CGN from a shipped teacher name, `students:<run dir>`, or a saved CGN folder.
 
     - `colored`, `double_colored`, `wildlife`: the released CGN-MNIST teachers (shipped).

@@ -180,8 +180,8 @@ def _shard_ok(path: Path, count: int) -> bool:
     return set(t) == {"images", "labels", "y_fg", "y_bg"} and len(t["labels"]) == count
 
 
-def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                       with_classes: bool = False):
+def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, with_classes: bool = False
+                       ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """(images [N, 3, H, W], labels int64 [N]) of a complete dataset written by this module.
 
     dtype: float32 (in [-1, 1], the default) or uint8 (as stored, 4× smaller).

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .images import to_uint8
 from .io import write_bytes
 
 
@@ -17,8 +18,7 @@ def to_rgb_array(images: torch.Tensor) -> np.ndarray:
     x = images.detach().float().cpu()
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1) * 2 - 1
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return to_uint8(x).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,

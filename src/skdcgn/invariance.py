@@ -14,10 +14,8 @@ A run resumed from its checkpoint ends bitwise identical to an uninterrupted one
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -31,9 +29,9 @@ from tqdm import tqdm
 
 from .config import resolve_device
 from .counterfactuals import derive_seed
-from .images import to_float, to_uint8
+from .images import to_float
 from .errors import SkdcgnError
-from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_bytes, write_manifest
+from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_csv, write_manifest
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -150,13 +148,11 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                           "delete it to start over") from None
 
 
+LOG_FIELDS = ("epoch", "steps", "lr", "loss", "accuracy", "seconds")
+
+
 def _write_log(path: Path, log: list[dict]) -> None:
-    buf = io.StringIO()
-    fields = ["epoch", "steps", "lr", "loss", "accuracy", "seconds"]
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: row[k] for k in fields} for row in log)
-    write_bytes(path, buf.getvalue().encode())
+    write_csv(path, LOG_FIELDS, ([row[k] for k in LOG_FIELDS] for row in log), lineterminator="\n")
 
 
 # ---- training and evaluation ------------------------------------------------------------------------
@@ -286,17 +282,12 @@ def load_source(spec: str, dtype: torch.dtype = torch.uint8) -> tuple[Tensor, Te
 
 
 def load_variant_split(name: str, split: str, dtype: torch.dtype = torch.uint8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(images, labels int64) of a split of an MNIST variant; images uint8 (as cached) or float32 in [-1, 1]."""
+    from .data import load_variant_uint8
+
     if split not in SPLITS:
         raise SkdcgnError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    try:
-        from . import data
-    except ImportError:
-        raise SkdcgnError("the data package (skdcgn.data) is not available") from None
-    if hasattr(data, "load_variant_uint8"):
-        images, labels = data.load_variant_uint8(name, split, seed=seed)
-    else:
-        images, labels = data.load_variant(name, split, seed=seed)
-        images = to_uint8(images)
+    images, labels = load_variant_uint8(name, split, seed=seed)
     return (images if dtype == torch.uint8 else to_float(images)), labels
 
 

@@ -7,15 +7,17 @@ its `manifest.json` exists: the manifest is written last.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -102,6 +104,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]],
+              lineterminator: str = "\r\n") -> None:
+    """Write a CSV file (a header row, then `rows`) atomically; `lineterminator` as in `csv.writer`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=lineterminator)
+    w.writerow(header)
+    w.writerows(rows)
+    write_bytes(path, buf.getvalue().encode())
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
 
@@ -178,7 +190,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict:
     """A foreign PyTorch checkpoint as data: zip format only, `weights_only=True`, a dict at the top."""
-    import io as _io
     import pickle
     import zipfile
 
@@ -190,7 +201,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            _io.UnsupportedOperation) as e:
+            io.UnsupportedOperation) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
     if not isinstance(sd, dict):

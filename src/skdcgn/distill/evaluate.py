@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,9 @@ from ..grids import image_grid, save_png, stack_grids
 from ..io import read_json, write_json
 from ..models.cgn import CGN, MECHANISMS
 from ..models.pretrained import load_model
+
+if TYPE_CHECKING:
+    from .trainer import DistillConfig
 
 EVAL_FILE = "eval.json"
 
@@ -66,8 +70,10 @@ def composites_per_second(cgn: CGN, batch_size: int = 256, repeats: int = 5) -> 
 
 
 @torch.no_grad()
-def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config, mechanisms=MECHANISMS,
-                          timings: dict | None = None) -> dict:
+def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: DistillConfig,
+                          mechanisms: Sequence[str] = MECHANISMS, timings: dict | None = None) -> dict:
+    """Compare each student in `mechanisms` (and, when all three exist, their composites) with
+    the teacher; merge the result into `run_dir/distill/eval.json` and return it."""
     run_dir = Path(run_dir)
     out_dir = run_dir / "distill"
     path = out_dir / EVAL_FILE
@@ -101,9 +107,9 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config, 
         n, l1 = config.n_eval, []
         g_t, g_s = torch.Generator().manual_seed(config.eval_seed), torch.Generator().manual_seed(config.eval_seed)
         y = torch.arange(n) % teacher_cgn.n_classes
-        for s in range(0, n, eval_batch):
-            x_t = teacher_cgn.sample(y[s:s + eval_batch], generator=g_t)[3].cpu()
-            x_s = student_cgn.sample(y[s:s + eval_batch], generator=g_s)[3].cpu()
+        for start in range(0, n, eval_batch):
+            x_t = teacher_cgn.sample(y[start:start + eval_batch], generator=g_t)[3].cpu()
+            x_s = student_cgn.sample(y[start:start + eval_batch], generator=g_s)[3].cpu()
             l1.append((x_t - x_s).abs().flatten(1).mean(1))
         grid_y = torch.arange(3 * n_classes) % n_classes
         x_t = teacher_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]

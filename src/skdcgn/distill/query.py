@@ -130,6 +130,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
         if path.is_file() and _shard_ok(path, chash):
             continue
         if max_shards is not None and written >= max_shards:
+            mechanism.train(was_training)
             return out_dir  # interrupted on purpose; the manifest is not written
         size = min(shard_size, n - i * shard_size)
         u, y = _shard_inputs(seed, i, size, latent_dim, n_classes)
@@ -142,8 +143,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
         save_tensors(path, {"u": u.to(U_DTYPES[u_dtype]), "y": y.to(label_dtype(n_classes)), "out": q},
                      metadata={"shard": f"{chash}:{i}"})  # one key: the file's bytes are reproducible
         written += 1
-    if was_training:
-        mechanism.train()
+    mechanism.train(was_training)
     if world_size > 1:
         if collective:
             torch.distributed.barrier()  # every rank's shards are written

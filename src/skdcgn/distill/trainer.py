@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import io
 import math
@@ -46,7 +45,7 @@ from ..config import config_from_dict, resolve_device
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (check_finite, config_hash, finite_float, remove_stale_temporaries, stage_complete, write_bytes,
-                  write_manifest)
+                  write_csv, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
@@ -307,9 +306,7 @@ def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir
         if opt_d is not None:
             for group in opt_d.param_groups:
                 group["lr"] = config.lr_d * lr_scale
-        batch = transfer.batch(step, config.batch_size, data_seed, env.part) if env.enabled else \
-            transfer.batch(step, config.batch_size, data_seed)
-        u, y, real = (t.to(device) for t in batch)
+        u, y, real = (t.to(device) for t in transfer.batch(step, config.batch_size, data_seed, env.part))
         G.train()
         with autocast:
             logits = forward_g(u, y)                                  # [B, C, S, S]
@@ -406,12 +403,7 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def _write_log(path: Path, rows: list) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(LOG_FIELDS)
-    for r in rows:
-        w.writerow([int(r[0]), *(f"{v:.6g}" for v in r[1:])])
-    write_bytes(path, buf.getvalue().encode())
+    write_csv(path, LOG_FIELDS, ([int(r[0]), *(f"{v:.6g}" for v in r[1:])] for r in rows))
 
 
 @torch.no_grad()

@@ -176,11 +176,10 @@ def _shape_images(digits: Tensor, g: torch.Generator, textures: Tensor, palette:
 def mnist_digits32(start: int, stop: int) -> tuple[Tensor, Tensor]:
     """MNIST training digits [start, stop) as float [n, 1, 32, 32] in [0, 1] (bilinear), labels."""
     from ..data.mnist import load_mnist
+    from ..data.variants import _digits  # the variants' own 28 -> 32 px resize
 
     images, labels = load_mnist("train")
-    x = torch.from_numpy(images[start:stop].astype(np.float32) / 255.0)[:, None]
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp_(0, 1)
-    return x, torch.from_numpy(labels[start:stop].copy())
+    return _digits(images[start:stop]), torch.from_numpy(labels[start:stop].copy())
 
 
 def train_domain_net(cfg: DomainTrainConfig, out: str | Path, log=print) -> dict:

@@ -73,6 +73,8 @@ def mask_health_from_masks(masks: Tensor, labels: Tensor, predict: Callable[[Ten
         if reasons:
             flagged[k] = reasons
         per_class.append(row)
+    if not per_class:
+        raise SkdcgnError(f"labels: no mask has a class in [0, {n_classes})")
     mean = {key: sum(r[key] for r in per_class) / len(per_class) for key in ("area", "binariness", "soft_fraction", "readable")}
     return {"per_class": per_class, "mean": mean, "flagged": flagged,
             "thresholds": dataclasses.asdict(thresholds)}
