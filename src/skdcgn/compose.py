@@ -2,7 +2,7 @@
 
 The composer never knows whether its mechanisms are a teacher's or students'.
 
-Study variants (each a named, seeded option; see docs/composition_study.md for the hypotheses):
+Study variants (each a named, seeded option; docs/composition_study.md has the hypotheses and results):
 - `standard`: x = m·f + (1 − m)·b.
 - `rotate`: the mask rotated by a random angle in [−180°, 180°]: does the classifier rely on
   upright shapes?

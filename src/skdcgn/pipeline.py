@@ -225,11 +225,18 @@ def _mean_std(accs: list[dict]) -> dict:
     return out
 
 
+def table_rows(results: dict) -> list[str]:
+    """The rows present in `results`, in the table's order (JSON files keep keys sorted)."""
+    names = {r for v in results.values() for r in v["table"]}
+    order = [*ROWS, *(f"study_{c}" for c in COMPOSERS)]
+    return [r for r in order if r in names] + sorted(names - set(order))
+
+
 def format_table(summary: dict) -> str:
     """The accuracy table (markdown): one row per training set, train / test (OOD) / test_iid per variant."""
     results = summary["results"]
     variants = list(results)
-    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
+    rows = table_rows(results)
     head = "| trained on | " + " | ".join(f"{v}: train / test (OOD) / test_iid" for v in variants) + " |"
     lines = [head, "|---|" + "---|" * len(variants)]
     for row in rows:

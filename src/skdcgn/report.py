@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .io import read_json, write_bytes
+from .pipeline import format_table, table_rows
 
 MECHANISMS = ("shape", "foreground", "background")
 
@@ -61,8 +62,8 @@ def _plot_accuracy(summary: dict, out: Path) -> None:
 
     results = summary["results"]
     variants = list(results)
-    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(variants) / 2), 3.5))
+    rows = table_rows(results)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) * len(variants)), 3.5))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         xs, means, stds = [], [], []
@@ -72,11 +73,11 @@ def _plot_accuracy(summary: dict, out: Path) -> None:
                 xs.append(j + i * width)
                 means.append(acc["test"]["mean"])
                 stds.append(acc["test"]["std"])
-        ax.bar(xs, means, width, yerr=stds, label=row)
+        ax.bar(xs, means, width, yerr=stds, label=row, color=plt.cm.tab20(i % 20))  # distinct colours for ≤ 20 rows
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants)
     ax.set_ylabel("test accuracy (OOD), %")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save_fig(fig, out)
     plt.close(fig)
@@ -89,8 +90,6 @@ def _save_fig(fig, out: Path) -> None:
 
 
 def results_markdown(summary: dict) -> str:
-    from .pipeline import format_table
-
     lines = ["# Results of this run", "",
              "Accuracy (%) of the invariant classifier, trained on each set (rows) and evaluated on the",
              "training data, the out-of-distribution `test` split and the in-distribution `test_iid` split.", "",
@@ -169,7 +168,7 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
 def _table_html(summary: dict) -> str:
     results = summary["results"]
     variants = list(results)
-    rows = list(dict.fromkeys(r for v in variants for r in results[v]["table"]))
+    rows = table_rows(results)
     head = "<tr><th>trained on</th>" + "".join(f"<th>{html.escape(v)}<br>train / test (OOD) / test_iid</th>" for v in variants) + "</tr>"
     body = []
     for row in rows:
