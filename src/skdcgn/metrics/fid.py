@@ -22,7 +22,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -189,39 +189,37 @@ def kid(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, subset
 
 # ---- per class ----------------------------------------------------------------------------------
 
-def intra_fid(features_a: np.ndarray | Tensor, labels_a: np.ndarray | Tensor,
-              features_b: np.ndarray | Tensor, labels_b: np.ndarray | Tensor,
+def per_class(metric: Callable[[np.ndarray, np.ndarray], float], features_a, labels_a, features_b, labels_b,
               classes: Sequence[int] | None = None, min_samples: int = 2) -> dict:
-    """FID per class and its mean (intra-FID, Miyato & Koyama 2018).
+    """`metric(a_k, b_k)` for each class k and its mean over the classes with enough samples.
 
-    Returns {"per_class": {k: fid or None}, "mean": mean over classes with enough samples}.
-    A class with fewer than `min_samples` samples on either side gets None.
+    Returns {"per_class": {k: value or None}, "mean": ...}; a class with fewer than `min_samples`
+    samples on either side gets None.
     """
     a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
     la, lb = _as_labels(labels_a, len(a)), _as_labels(labels_b, len(b))
     if classes is None:
         classes = sorted(set(la.tolist()) | set(lb.tolist()))
-    per_class: dict[int, float | None] = {}
+    values: dict[int, float | None] = {}
     for k in classes:
         xa, xb = a[la == k], b[lb == k]
-        per_class[int(k)] = fid(xa, xb) if min(len(xa), len(xb)) >= max(2, min_samples) else None
-    vals = [v for v in per_class.values() if v is not None]
-    return {"per_class": per_class, "mean": float(np.mean(vals)) if vals else None}
+        values[int(k)] = metric(xa, xb) if min(len(xa), len(xb)) >= max(2, min_samples) else None
+    vals = [v for v in values.values() if v is not None]
+    return {"per_class": values, "mean": float(np.mean(vals)) if vals else None}
+
+
+def intra_fid(features_a: np.ndarray | Tensor, labels_a: np.ndarray | Tensor,
+              features_b: np.ndarray | Tensor, labels_b: np.ndarray | Tensor,
+              classes: Sequence[int] | None = None, min_samples: int = 2) -> dict:
+    """FID per class and its mean (intra-FID, Miyato & Koyama 2018); see `per_class`."""
+    return per_class(fid, features_a, labels_a, features_b, labels_b, classes, min_samples)
 
 
 def intra_kid(features_a, labels_a, features_b, labels_b, classes: Sequence[int] | None = None,
               subsets: int = 20, subset_size: int = 200, seed: int = 0) -> dict:
-    """KID per class and its mean; same conventions as `intra_fid`."""
-    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
-    la, lb = _as_labels(labels_a, len(a)), _as_labels(labels_b, len(b))
-    if classes is None:
-        classes = sorted(set(la.tolist()) | set(lb.tolist()))
-    per_class: dict[int, float | None] = {}
-    for k in classes:
-        xa, xb = a[la == k], b[lb == k]
-        per_class[int(k)] = kid(xa, xb, subsets, subset_size, seed)[0] if min(len(xa), len(xb)) >= 2 else None
-    vals = [v for v in per_class.values() if v is not None]
-    return {"per_class": per_class, "mean": float(np.mean(vals)) if vals else None}
+    """KID per class and its mean; see `per_class`."""
+    return per_class(lambda xa, xb: kid(xa, xb, subsets, subset_size, seed)[0],
+                     features_a, labels_a, features_b, labels_b, classes)
 
 
 def _as_labels(labels: np.ndarray | Tensor, n: int) -> np.ndarray:
