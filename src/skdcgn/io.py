@@ -249,6 +249,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(path: str | os.PathLike, expected: str, what: str, remedy: str) -> Path:
+    """Refuse a shipped file that is missing or whose sha256 is not `expected` (one-line error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: {what} missing; {remedy}")
+    found = sha256_file(path)
+    if found != expected:
+        raise SkdcgnError(f"{path}: sha256 {found[:12]}… does not match the {what} "
+                          f"({expected[:12] or 'none recorded'}…); refusing to load; {remedy}")
+    return path
+
+
 def config_hash(obj: Any) -> str:
     """A short, stable hash of a JSON-able configuration (keys sorted)."""
     text = json.dumps(obj, sort_keys=True, default=_jsonable)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SkdcgnError
-from ..io import sha256_file, write_json
+from ..io import sha256_file, verify_sha256, write_json
 from ..models.domain_net import DomainNet, DomainNetConfig
 from ..models.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_model
 
@@ -57,13 +57,7 @@ def verify_domain_net(folder: str | Path = ASSET_DIR, checksums: dict[str, str] 
     folder = Path(folder)
     checksums = SHIPPED_SHA256 if checksums is None else checksums
     for name, digest in checksums.items():
-        path = folder / name
-        if not path.is_file():
-            raise SkdcgnError(f"{path}: domain network file missing; reinstall skdcgn")
-        found = sha256_file(path)
-        if found != digest:
-            raise SkdcgnError(f"{path}: sha256 {found[:12]}… does not match the shipped domain network "
-                              f"({digest[:12] or 'none recorded'}…); refusing to load")
+        verify_sha256(folder / name, digest, "shipped domain network", "reinstall skdcgn")
 
 
 def load_domain_net(folder: str | Path = ASSET_DIR, verify: bool = True) -> DomainNet:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SkdcgnError
-from ..io import load_tensors, save_tensors, sha256_file
+from ..io import load_tensors, save_tensors, verify_sha256
 
 
 # ---- feature extractors -------------------------------------------------------------------------
@@ -291,13 +291,8 @@ def inception_weights_path() -> Path:
 
 def load_inception_extractor(device: torch.device | str = "cpu") -> InceptionExtractor:
     """The FID Inception from the installed `fid` extra, its sha256 checked; one-line error if absent."""
-    path = inception_weights_path()
-    if not path.is_file():
-        raise SkdcgnError(f"{path}: Inception weights missing from the installed {INCEPTION_PACKAGE}; reinstall 'skdcgn[fid]'")
-    digest = sha256_file(path)
-    if digest != INCEPTION_SHA256:
-        raise SkdcgnError(f"{path}: unexpected sha256 {digest[:12]}… (expected {INCEPTION_SHA256[:12]}…, "
-                          f"{INCEPTION_PACKAGE} 0.1.3); refusing to load")
+    path = verify_sha256(inception_weights_path(), INCEPTION_SHA256, f"Inception weights of {INCEPTION_PACKAGE} 0.1.3",
+                         "reinstall 'skdcgn[fid]'")
     try:
         model = torch.jit.load(str(path), map_location=torch.device(device))
     except (RuntimeError, OSError) as e:

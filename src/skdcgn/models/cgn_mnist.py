@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SkdcgnError
-from ..io import check_state_dict, load_torch_state_dict, sha256_file
+from ..io import check_state_dict, load_torch_state_dict, verify_sha256
 from .cgn import CGN
 from .pretrained import PretrainedModel, register
 
@@ -117,7 +117,4 @@ def shipped_teacher_path(name: str) -> Path:
     if name not in SHIPPED_TEACHERS:
         raise SkdcgnError(f"unknown teacher {name!r}; shipped teachers: {', '.join(SHIPPED_TEACHERS)}")
     file, digest = SHIPPED_TEACHERS[name]
-    path = ASSETS / file
-    if not path.is_file() or sha256_file(path) != digest:
-        raise SkdcgnError(f"{path}: missing or corrupt shipped teacher (expected sha256 {digest[:12]}…); reinstall skdcgn")
-    return path
+    return verify_sha256(ASSETS / file, digest, "shipped teacher", "reinstall skdcgn")
