@@ -77,7 +77,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
         elif t in (int, float, str):
             kw["type"] = t
         elif typing.get_origin(t) in (list, tuple):
-            kw["nargs"] = "+"
+            kw["nargs"] = "*"  # `--composers` alone: the empty list
             args = typing.get_args(t)
             kw["type"] = args[0] if args and args[0] in (int, float, str) else str
         group.add_argument(f"--{f.name.replace('_', '-')}", **kw)

@@ -45,8 +45,10 @@ class RunConfig:
     classifier_max_steps: int = 0  # 0: full epochs
     classifier_max_examples: int = 0  # 0: all images of the dataset
     composers: tuple[str, ...] = ()  # composition-study variants (besides standard)
+    rows: tuple[str, ...] = ROWS  # which table rows to train (a subset saves hours on a CPU)
     eval_examples: int = 10_000  # images per split used for the accuracy table
     device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0: PyTorch's default (1 is steadier on a shared 2-core machine)
     seed: int = 0
 
     def validate(self) -> None:
@@ -59,12 +61,16 @@ class RunConfig:
             raise SkdcgnError(f"classifier_arch: {self.classifier_arch!r} is not one of {', '.join(ARCHS)}")
         if self.teacher not in ("shipped", "train"):
             raise SkdcgnError(f"teacher: {self.teacher!r} is not one of shipped, train")
+        for r in self.rows:
+            if r not in ROWS:
+                raise SkdcgnError(f"rows: {r!r} is not one of {', '.join(ROWS)}")
         for c in self.composers:
             if c not in COMPOSERS or c == "standard":
                 raise SkdcgnError(f"composers: {c!r} is not one of {', '.join(COMPOSERS[1:])}")
         for name, lo, hi in (("n_counterfactuals", 10, 10_000_000), ("per_shape", 1, 1000), ("seeds", 1, 100),
                              ("classifier_epochs", 1, 1000), ("classifier_max_steps", 0, 10**9),
-                             ("classifier_max_examples", 0, 10**9), ("eval_examples", 10, 10**6), ("seed", 0, 2**31)):
+                             ("classifier_max_examples", 0, 10**9), ("eval_examples", 10, 10**6), ("threads", 0, 1024),
+                             ("seed", 0, 2**31)):
             if not lo <= getattr(self, name) <= hi:
                 raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [{lo}, {hi}]")
 
@@ -90,6 +96,8 @@ PRESETS: dict[str, dict] = {
 def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
     """Run every stage for every variant; write `results.json`, `results.md` and the report."""
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     run_dir = Path(run_dir)
     write_json(run_dir / "run_config.json", dataclasses.asdict(config))
     t0 = time.perf_counter()
@@ -150,13 +158,17 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     # counterfactual datasets
     t = time.perf_counter()
+    rows = [r for r in ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
     datasets = {
         "teacher_samples": (teacher, "standard", False),
         "teacher_cf": (teacher, "standard", True),
         "student_cf": (students, "standard", True),
         **{f"study_{c}": (students, c, True) for c in config.composers},
     }
+    needed = {"student_cf" if r == "student_cf+original" else r for r in rows}
     for name, (cgn, composer, cf) in datasets.items():
+        if name not in needed:
+            continue
         _say(progress, f"{variant}: counterfactual dataset {name}")
         generate_counterfactuals(cgn.to(device), vdir / "datasets" / name, config.n_counterfactuals, config.per_shape,
                                  seed=config.seed, composer=composer, counterfactual=cf, cgn_name=name,
@@ -174,7 +186,6 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         return x, y
 
     t = time.perf_counter()
-    rows = list(ROWS) + [f"study_{c}" for c in config.composers]
     table = {}
     for row in rows:
         loaded: dict = {}  # the row's training data, loaded once for all seeds and only if needed
