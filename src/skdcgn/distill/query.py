@@ -1,16 +1,25 @@
 """The transfer set: a teacher mechanism's outputs for seeded random inputs, written in shards.
 
 Only the teacher's forward pass is used (black box, no gradients, no real images). Each shard is
-a safetensors file written atomically:
+one file, written atomically, in one of two formats (`shard_format`):
 
-    u    float32 (or float16) [S, latent_dim]   u ~ N(0, I)
-    y    uint8 (int16 > 256 classes) [S]        y uniform over the classes
-    out  uint8               [S, C, H, W]       masks: round(255·m); textures: round(127.5·(x + 1))
+- `safetensors` (default): three tensors
+      u    float32 (or float16) [S, latent_dim]   u ~ N(0, I)
+      y    uint8 (int16 > 256 classes) [S]        y uniform over the classes
+      out  uint8               [S, C, H, W]       masks: round(255·m); textures: round(127.5·(x + 1))
+- `tar`: a WebDataset-style tar (`shard_00000.tar`), the same content compressed: per sample
+  `<global index, 9 digits>.png` (the output; grey for masks, RGB for textures: lossless, so it
+  decodes to exactly the safetensors content), `.cls` (the class as text) and `.u.npy`.
+  Readable by `webdataset` and plain `tar`; for large sets (a 256-px texture sample is 197 KB raw).
 
 A shard's content depends only on (seed, shard index), so an interrupted query resumes shard by
 shard and the result is identical to an uninterrupted one. Several processes (e.g. one per GPU
 under torchrun) write one set together: shard i is written by rank i % world_size, and rank 0
 writes the manifest once every shard is there; the files are the same as one process would write.
+
+`TransferSet(folder, stream_window=k)` with k > 0 streams a set larger than memory: the shards
+are visited in a seeded order, k at a time, shuffled within each window, and at most 2k decoded
+shards are held. With k = 0 the whole set is loaded and shuffled globally (CGN-MNIST).
 
 `OnlineTeacher` serves the same batches without storing anything: it queries the teacher during
 training (the trainer's `online` switch), with the same quantisation as a stored set. `manifest.json` (written last) lists
@@ -19,9 +28,13 @@ for masks and 1/255 ≈ 0.0039 for textures (in their [-1, 1] range); the mean i
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import io
 import math
 import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -31,10 +44,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import SkdcgnError
-from ..io import MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file, stage_complete, write_manifest
+from ..io import (MANIFEST, atomic_path, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
+                  stage_complete, write_manifest)
 
 U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-SHARD = "shard_{:05d}.safetensors"
+SHARD_FORMATS = ("safetensors", "tar")
+SHARD = {"safetensors": "shard_{:05d}.safetensors", "tar": "shard_{:05d}.tar"}
+MARKER = "skdcgn.shard"  # (config hash : shard index) in the file: a shard of another config is rewritten
 
 
 def derive_seed(*keys: int) -> int:
@@ -78,7 +94,8 @@ def _shard_inputs(seed: int, index: int, size: int, latent_dim: int, n_classes: 
 def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shard_size: int, seed: int, *,
                   latent_dim: int | None = None, n_classes: int | None = None, batch_size: int = 1000,
                   u_dtype: str = "float32", device: torch.device | str = "cpu", progress: bool = True,
-                  max_shards: int | None = None, rank: int = 0, world_size: int = 1) -> Path:
+                  max_shards: int | None = None, rank: int = 0, world_size: int = 1,
+                  shard_format: str = "safetensors") -> Path:
     """Write (or finish) the transfer set of one mechanism in `out_dir`; return `out_dir`.
 
     `mechanism` is only called: `mechanism(u, y) -> [N, C, 32, 32]`. `latent_dim` and `n_classes`
@@ -102,21 +119,25 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
         raise SkdcgnError(f"u_dtype: {u_dtype!r} is not one of {', '.join(U_DTYPES)}")
     if not 0 <= rank < world_size:
         raise SkdcgnError(f"rank: {rank} is outside [0, world_size={world_size})")
+    if shard_format not in SHARD_FORMATS:
+        raise SkdcgnError(f"shard_format: {shard_format!r} is not one of {', '.join(SHARD_FORMATS)}")
     was_training = mechanism.training
     mechanism.eval()
     config = {"n": n, "shard_size": shard_size, "seed": seed, "latent_dim": latent_dim, "n_classes": n_classes,
               "u_dtype": u_dtype, "teacher": teacher_fingerprint(mechanism, latent_dim, n_classes, device)}
+    if shard_format != "safetensors":  # absent for safetensors: sets written before tar existed keep their hash
+        config["format"] = shard_format
     if stage_complete(out_dir, config):
         return out_dir
     n_shards = math.ceil(n / shard_size)
-    names = [SHARD.format(i) for i in range(n_shards)]
+    names = [SHARD[shard_format].format(i) for i in range(n_shards)]
     collective = world_size > 1 and _dist_ready()
     if rank == 0:  # one process tidies the folder; the others wait for it when they can
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # a manifest for another config no longer applies
         for stale in out_dir.glob(".*.tmp"):  # leftovers of a killed atomic write
             stale.unlink(missing_ok=True)
-        for extra in set(p.name for p in out_dir.glob("shard_*.safetensors")) - set(names):
+        for extra in set(p.name for p in out_dir.glob("shard_*.*")) - set(names):
             (out_dir / extra).unlink()  # shards of a larger, older set
     if collective:
         torch.distributed.barrier()
@@ -127,7 +148,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     mine = [i for i in range(n_shards) if i % world_size == rank]
     for i in tqdm(mine, desc=f"transfer set {out_dir.name}", disable=not progress, unit="shard"):
         path = out_dir / names[i]
-        if path.is_file() and _shard_ok(path, chash):
+        if path.is_file() and _shard_ok(path, chash, i):
             continue
         if max_shards is not None and written >= max_shards:
             mechanism.train(was_training)
@@ -140,14 +161,15 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
             outs.append(encode(out, out.shape[1] == 1))
         q = torch.cat(outs)
         shape = list(q.shape[1:])
-        save_tensors(path, {"u": u.to(U_DTYPES[u_dtype]), "y": y.to(label_dtype(n_classes)), "out": q},
-                     metadata={"shard": f"{chash}:{i}"})  # one key: the file's bytes are reproducible
+        _write_shard(path, shard_format, u.to(U_DTYPES[u_dtype]), y.to(label_dtype(n_classes)), q,
+                     f"{chash}:{i}", first=i * shard_size)
         written += 1
     mechanism.train(was_training)
     if world_size > 1:
         if collective:
             torch.distributed.barrier()  # every rank's shards are written
-        done = rank == 0 and all((out_dir / name).is_file() and _shard_ok(out_dir / name, chash) for name in names)
+        done = rank == 0 and all((out_dir / name).is_file() and _shard_ok(out_dir / name, chash, i)
+                                 for i, name in enumerate(names))
         if done:
             _finish(out_dir, config, names, n, shard_size)
         if collective:
@@ -164,65 +186,199 @@ def _dist_ready() -> bool:
 def _finish(out_dir: Path, config: dict, names: list[str], n: int, shard_size: int, shape: list | None = None) -> None:
     """Write the manifest (last): the shards' sizes and hashes."""
     if shape is None:
-        shape = list(load_tensors(out_dir / names[0])["out"].shape[1:])
+        shape = list(_read_shard(out_dir / names[0])[2].shape[1:])
     shards = [{"file": name, "size": min(shard_size, n - i * shard_size), "sha256": sha256_file(out_dir / name)}
               for i, name in enumerate(names)]
     write_manifest(out_dir, config, shards=shards, output_shape=shape, is_mask=shape[0] == 1)
 
 
-def _shard_ok(path: Path, chash: str) -> bool:
+def _shard_ok(path: Path, chash: str, index: int) -> bool:
     """A complete shard of this config (atomic writes: a file that exists is whole, unless foreign)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("shard") == f"{chash}:{path.stem.split('_')[-1].lstrip('0') or '0'}"
+        if path.suffix == ".tar":
+            with tarfile.open(path, "r:") as tar:  # the marker is the archive's global pax header
+                marker = tar.pax_headers.get(MARKER)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                marker = (f.metadata() or {}).get("shard")
+        return marker == f"{chash}:{index}"
     except Exception:  # noqa: BLE001  (any unreadable file is simply rewritten)
         return False
 
 
-class TransferSet:
-    """A finished transfer set, loaded into memory and validated; serves seeded training batches.
+def _write_shard(path: Path, fmt: str, u: Tensor, y: Tensor, out: Tensor, marker: str, first: int) -> None:
+    if fmt == "safetensors":
+        save_tensors(path, {"u": u, "y": y, "out": out}, metadata={"shard": marker})  # one key: reproducible bytes
+        return
+    from PIL import Image
 
-    The order is a fresh permutation per epoch, seeded by (seed, epoch); batch `step` is a pure
-    function of `step`, so a resumed run reads exactly the batches it would have read.
+    images = out.permute(0, 2, 3, 1).numpy()
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, pax_headers={MARKER: marker}) as tar:
+        for j in range(len(y)):
+            png = io.BytesIO()
+            image = images[j, :, :, 0] if images.shape[-1] == 1 else images[j]
+            Image.fromarray(image, "L" if image.ndim == 2 else "RGB").save(png, format="PNG")
+            npy = io.BytesIO()
+            np.save(npy, u[j].numpy(), allow_pickle=False)
+            for ext, data in (("png", png.getvalue()), ("cls", str(int(y[j])).encode()), ("u.npy", npy.getvalue())):
+                info = tarfile.TarInfo(f"{first + j:09d}.{ext}")  # mtime, owner 0: the bytes are reproducible
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+_TAR_MEMBER = re.compile(r"^(\d{9})\.(png|cls|u\.npy)$")
+_MAX_MEMBER = 64 << 20  # no sample of a sane set is this large; guards memory against a hostile tar
+
+
+def _read_shard(path: Path) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, y, out) of one shard file, either format; the caller checks shapes against the manifest."""
+    if path.suffix != ".tar":
+        t = load_tensors(path)
+        if set(t) != {"u", "y", "out"}:
+            raise SkdcgnError(f"{path}: expected tensors u, y, out; found {sorted(t)}")
+        return t["u"], t["y"], t["out"]
+    from PIL import Image, UnidentifiedImageError
+
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                m = _TAR_MEMBER.match(member.name)
+                if not member.isfile() or m is None or member.size > _MAX_MEMBER:
+                    raise SkdcgnError(f"{path}: unexpected member {member.name!r} (expected NNNNNNNNN.png|cls|u.npy files)")
+                samples.setdefault(m.group(1), {})[m.group(2)] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError) as e:
+        raise SkdcgnError(f"{path}: not a readable tar shard ({e})") from None
+    keys = sorted(samples)
+    if not keys or [int(k) for k in keys] != list(range(int(keys[0]), int(keys[0]) + len(keys))):
+        raise SkdcgnError(f"{path}: sample keys are not consecutive")
+    us, ys, outs = [], [], []
+    for k in keys:
+        parts = samples[k]
+        if set(parts) != {"png", "cls", "u.npy"}:
+            raise SkdcgnError(f"{path}: sample {k} has {sorted(parts)}, expected cls, png, u.npy")
+        try:
+            u = np.load(io.BytesIO(parts["u.npy"]), allow_pickle=False)
+            y = int(parts["cls"].decode("ascii"))
+            with Image.open(io.BytesIO(parts["png"])) as im:
+                if im.format != "PNG" or im.mode not in ("L", "RGB"):
+                    raise ValueError(f"the image is {im.format} {im.mode}, expected a grey or RGB PNG")
+                image = np.asarray(im)
+        except (ValueError, OSError, UnidentifiedImageError) as e:
+            raise SkdcgnError(f"{path}: sample {k} is unreadable ({str(e).splitlines()[0][:200]})") from None
+        if u.dtype not in (np.float32, np.float16) or u.ndim != 1:
+            raise SkdcgnError(f"{path}: sample {k}: u is {u.dtype} {list(u.shape)}, expected a float vector")
+        us.append(torch.from_numpy(u.copy()))
+        ys.append(y)
+        outs.append(torch.from_numpy(image.copy()).unsqueeze(0) if image.ndim == 2 else torch.from_numpy(image.copy()).permute(2, 0, 1))
+    try:
+        u_all, out_all = torch.stack(us), torch.stack(outs)
+    except RuntimeError:
+        raise SkdcgnError(f"{path}: samples differ in shape") from None
+    return u_all, torch.tensor(ys, dtype=torch.int64), out_all
+
+
+class TransferSet:
+    """A finished transfer set, validated; serves seeded training batches.
+
+    `stream_window=0` loads the whole set into memory; batches follow a fresh permutation of all
+    samples per epoch, seeded by (seed, epoch). `stream_window=k` keeps at most 2k decoded shards:
+    each epoch visits the shards in a seeded order, k at a time, each window shuffled. Either way,
+    batch `step` is a pure function of `step`, so a resumed run reads exactly the batches it would
+    have read.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, stream_window: int = 0) -> None:
         self.folder = Path(folder)
         manifest = read_json(self.folder / MANIFEST)
         cfg = manifest.get("config")
         shards = manifest.get("shards")
         if not isinstance(cfg, dict) or not isinstance(shards, list) or not shards:
             raise SkdcgnError(f"{self.folder / MANIFEST}: not a transfer-set manifest (no config or shards)")
+        if not 0 <= stream_window <= 100_000:
+            raise SkdcgnError(f"stream_window: {stream_window} is outside [0, 100000]")
         self.config = cfg
         self.is_mask = bool(manifest.get("is_mask"))
-        latent_dim, n_classes = int(cfg["latent_dim"]), int(cfg["n_classes"])
-        us, ys, outs = [], [], []
-        for entry in shards:
-            path = confined(self.folder, str(entry.get("file")))
-            t = load_tensors(path)
-            if set(t) != {"u", "y", "out"}:
-                raise SkdcgnError(f"{path}: expected tensors u, y, out; found {sorted(t)}")
-            u, y, out = t["u"], t["y"], t["out"]
-            s = len(y)
-            if s != entry.get("size") or u.shape != (s, latent_dim) or u.dtype not in U_DTYPES.values():
-                raise SkdcgnError(f"{path}: u has shape {list(u.shape)} ({u.dtype}), expected [{entry.get('size')}, {latent_dim}]")
-            if y.dtype != label_dtype(n_classes) or y.ndim != 1 or (s and (int(y.min()) < 0 or int(y.max()) >= n_classes)):
-                raise SkdcgnError(f"{path}: y must be {label_dtype(n_classes)} class indices in [0, {n_classes})")
-            if out.dtype != torch.uint8 or list(out.shape) != [s, *manifest.get("output_shape", [])]:
-                raise SkdcgnError(f"{path}: out has shape {list(out.shape)} ({out.dtype}), expected uint8 {[s, *manifest.get('output_shape', [])]}")
-            us.append(u.float()), ys.append(y.long()), outs.append(out)
-        self.u, self.y, self.out = torch.cat(us), torch.cat(ys), torch.cat(outs)
-        if len(self.y) != cfg["n"]:
-            raise SkdcgnError(f"{self.folder}: holds {len(self.y)} samples, manifest says {cfg['n']}")
-        self._perm: tuple[int, Tensor] | None = None
+        self._output_shape = list(manifest.get("output_shape", []))
+        self._paths = [confined(self.folder, str(e.get("file"))) for e in shards]
+        sizes = [e.get("size") for e in shards]
+        if not all(isinstance(x, int) and x > 0 for x in sizes) or sum(sizes) != cfg.get("n"):
+            raise SkdcgnError(f"{self.folder / MANIFEST}: shard sizes {sizes[:4]}… do not add up to n = {cfg.get('n')}")
+        self._sizes = sizes
+        self._offsets = torch.tensor([0, *np.cumsum(sizes).tolist()])
+        self.stream_window = stream_window
+        self._cache: collections.OrderedDict[int, tuple[Tensor, Tensor, Tensor]] = collections.OrderedDict()
+        self._order_cache: tuple[int, int, Tensor] | None = None
+        if stream_window == 0:
+            us, ys, outs = zip(*(self._load(i) for i in range(len(shards))))
+            self.u, self.y, self.out = torch.cat(us), torch.cat(ys), torch.cat(outs)
+        else:
+            missing = [p.name for p in self._paths if not p.is_file()]
+            if missing:
+                raise SkdcgnError(f"{self.folder}: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
+
+    def _load(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Shard i, read and checked against the manifest: (u float32, y int64, out uint8)."""
+        path, s = self._paths[i], self._sizes[i]
+        latent_dim, n_classes = int(self.config["latent_dim"]), int(self.config["n_classes"])
+        u, y, out = _read_shard(path)
+        if len(y) != s or u.shape != (s, latent_dim) or u.dtype not in U_DTYPES.values():
+            raise SkdcgnError(f"{path}: u has shape {list(u.shape)} ({u.dtype}), expected [{s}, {latent_dim}]")
+        if (path.suffix != ".tar" and y.dtype != label_dtype(n_classes)) or y.ndim != 1 \
+                or int(y.min()) < 0 or int(y.max()) >= n_classes:
+            raise SkdcgnError(f"{path}: y must be {label_dtype(n_classes)} class indices in [0, {n_classes})")
+        if out.dtype != torch.uint8 or list(out.shape) != [s, *self._output_shape]:
+            raise SkdcgnError(f"{path}: out has shape {list(out.shape)} ({out.dtype}), expected uint8 {[s, *self._output_shape]}")
+        return u.float(), y.long(), out
 
     def __len__(self) -> int:
-        return len(self.y)
+        return int(self._offsets[-1])
+
+    def _shard(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Shard i from the cache of decoded shards (least recently used evicted beyond 2·window)."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+        else:
+            self._cache[i] = self._load(i)
+            while len(self._cache) > 2 * self.stream_window:
+                self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def sample(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, y, decoded teacher output) of the samples `index` (global indices)."""
+        if self.stream_window == 0:
+            return self.u[index], self.y[index], decode(self.out[index], self.is_mask)
+        shard = torch.searchsorted(self._offsets, index, right=True) - 1
+        u = torch.empty(len(index), int(self.config["latent_dim"]))
+        y = torch.empty(len(index), dtype=torch.long)
+        out = torch.empty(len(index), *self._output_shape, dtype=torch.uint8)
+        for i in shard.unique().tolist():
+            at = (shard == i).nonzero().squeeze(1)
+            su, sy, so = self._shard(i)
+            local = index[at] - self._offsets[i]
+            u[at], y[at], out[at] = su[local], sy[local], so[local]
+        return u, y, decode(out, self.is_mask)
 
     def targets(self, index: Tensor) -> Tensor:
-        return decode(self.out[index], self.is_mask)
+        return self.sample(index)[2]
+
+    def _order(self, epoch: int, seed: int) -> Tensor:
+        """The sample order of one epoch (cached: consecutive steps share it)."""
+        if self._order_cache is not None and self._order_cache[:2] == (epoch, seed):
+            return self._order_cache[2]
+        g = torch.Generator().manual_seed(derive_seed(seed, epoch))
+        if self.stream_window == 0:
+            order = torch.randperm(len(self), generator=g)
+        else:
+            shards, k, parts = torch.randperm(len(self._sizes), generator=g).tolist(), self.stream_window, []
+            for w in range(0, len(shards), k):
+                idx = torch.cat([torch.arange(int(self._offsets[i]), int(self._offsets[i + 1])) for i in shards[w:w + k]])
+                parts.append(idx[torch.randperm(len(idx), generator=g)])
+            order = torch.cat(parts)
+        self._order_cache = (epoch, seed, order)
+        return order
 
     def batch(self, step: int, batch_size: int, seed: int, part: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor, Tensor]:
         """(u, y, teacher output) of training step `step` (epochs of `len // batch_size` batches).
@@ -231,12 +387,8 @@ class TransferSet:
         """
         per_epoch = max(1, len(self) // batch_size)
         epoch, pos = divmod(step, per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(derive_seed(seed, epoch))
-            self._perm = (epoch, torch.randperm(len(self), generator=g))
-        idx = self._perm[1][pos * batch_size:(pos + 1) * batch_size]
-        idx = idx[rank_slice(len(idx), *part)]
-        return self.u[idx], self.y[idx], self.targets(idx)
+        idx = self._order(epoch, seed)[pos * batch_size:(pos + 1) * batch_size]
+        return self.sample(idx[rank_slice(len(idx), *part)])
 
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         step = start
@@ -286,6 +438,10 @@ class OnlineTeacher:
 
     def targets(self, index: Tensor) -> Tensor:
         return self._query(self.u[index], self.y[index]).cpu()
+
+    def sample(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, y, teacher output) of preview samples `index`."""
+        return self.u[index], self.y[index], self.targets(index)
 
     def batch(self, step: int, batch_size: int, seed: int, part: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor, Tensor]:
         g = torch.Generator().manual_seed(derive_seed(seed, step))

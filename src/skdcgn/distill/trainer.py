@@ -52,7 +52,7 @@ from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
-from .query import OnlineTeacher, TransferSet, derive_seed, query_teacher
+from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
@@ -101,13 +101,16 @@ class DistillConfig:
     shifted_texture: bool = True  # texture students shifted at composition (CGN-MNIST); false for ImageNet
     online: bool = False  # query the teacher during training instead of storing a transfer set
     query_batch_size: int = 1000  # teacher batch when writing a transfer set
+    shard_format: str = "safetensors"  # safetensors | tar (WebDataset-style PNG shards, for large sets)
+    stream_window: int = 0  # 0: the transfer set in memory; k: stream it, k shards shuffled at a time
 
     def validate(self) -> None:
         for name, lo, hi in (("n_transfer", 1, 10_000_000), ("shard_size", 1, 10_000_000), ("steps", 1, 10_000_000),
                              ("batch_size", 1, 65_536), ("n_eval", 1, 1_000_000), ("log_interval", 1, 10_000_000),
                              ("sample_interval", 1, 10_000_000), ("checkpoint_interval", 1, 10_000_000),
                              ("student_extra_blocks", 0, 16), ("threads", 0, 1024), ("texture_steps", 0, 10_000_000), ("student_embed_dim", 1, 4096), ("seed", 0, 2**62),
-                             ("eval_seed", 0, 2**62), ("query_batch_size", 1, 65_536)):
+                             ("eval_seed", 0, 2**62), ("query_batch_size", 1, 65_536),
+                             ("stream_window", 0, 100_000)):
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise SkdcgnError(f"{name}: {v} is outside [{lo}, {hi}]")
@@ -117,6 +120,8 @@ class DistillConfig:
             v = finite_float(name, getattr(self, name), 0.0, 1.0)
             if name in ("beta2", "ema_decay") and v >= 1.0:
                 raise SkdcgnError(f"{name}: {v} must be below 1")
+        if self.shard_format not in SHARD_FORMATS:
+            raise SkdcgnError(f"shard_format: {self.shard_format!r} is not one of {', '.join(SHARD_FORMATS)}")
         if self.u_dtype not in ("float32", "float16"):
             raise SkdcgnError(f"u_dtype: {self.u_dtype!r} is not one of float32, float16")
         if self.batch_size > self.n_transfer and not self.online:
@@ -157,13 +162,15 @@ PRESETS: dict[str, dict] = {
     # each; meant for GPUs under torchrun (batch_size is global), with bf16
     "imagenet-256": {"student_image_size": 256, "student_widths": (256, 192, 128, 64, 32, 16), "student_embed_dim": 128,
                      "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
-                     "n_transfer": 1_000_000, "shard_size": 5_000, "query_batch_size": 50, "steps": 200_000,
+                     "n_transfer": 1_000_000, "shard_size": 5_000, "shard_format": "tar", "stream_window": 4,
+                     "query_batch_size": 50, "steps": 200_000,
                      "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
                      "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
                      "benchmark": False},
     "imagenet-128": {"student_image_size": 128, "student_widths": (256, 192, 128, 64, 32), "student_embed_dim": 128,
                      "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
-                     "n_transfer": 1_000_000, "shard_size": 10_000, "query_batch_size": 100, "steps": 200_000,
+                     "n_transfer": 1_000_000, "shard_size": 10_000, "shard_format": "tar", "stream_window": 4,
+                     "query_batch_size": 100, "steps": 200_000,
                      "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
                      "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
                      "benchmark": False},
@@ -173,7 +180,8 @@ PRESETS: dict[str, dict] = {
                       "disc_widths": (8, 8), "shifted_texture": False, "query_batch_size": 16, "log_interval": 1,
                       "sample_interval": 2, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.5},
 }
-IMAGENET_FIELDS = {"student_image_size": 32, "shifted_texture": True, "online": False, "query_batch_size": 1000}
+IMAGENET_FIELDS = {"student_image_size": 32, "shifted_texture": True, "online": False, "query_batch_size": 1000,
+                   "shard_format": "safetensors", "stream_window": 0}
 
 
 def config_record(config: DistillConfig) -> dict:
@@ -218,8 +226,9 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
                                    derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
                                    latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes,
                                    device=device, progress=progress and env.is_main,
-                                   batch_size=config.query_batch_size, rank=env.rank, world_size=env.world_size)
-            source = TransferSet(folder)
+                                   batch_size=config.query_batch_size, rank=env.rank, world_size=env.world_size,
+                                   shard_format=config.shard_format)
+            source = TransferSet(folder, stream_window=config.stream_window)
         t1 = time.perf_counter()
         train_student(m, source, run_dir / "distill" / "students" / m, config, progress=progress)
         timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
@@ -410,7 +419,7 @@ def _write_log(path: Path, rows: list) -> None:
 def _save_samples(G: StudentGenerator, transfer: TransferSet, index: Tensor, path: Path, device, is_mask: bool) -> None:
     was_training = G.training
     G.eval()
-    student = G(transfer.u[index].to(device), transfer.y[index].to(device)).float().cpu()
+    u, y, teacher = transfer.sample(index)
+    student = G(u.to(device), y.to(device)).float().cpu()
     G.train(was_training)
-    teacher = transfer.targets(index)
     save_png(stack_grids([image_grid(teacher, 4, title="teacher"), image_grid(student, 4, title="student")]), path)
