@@ -61,7 +61,8 @@ def test_second_run_resumes_from_manifests(tiny_run, capsys):
 def test_bad_values_are_one_line_errors(tmp_path, capsys):
     for argv, needle in ((["--variant", "fashion"], "argument --variant"),
                          (["--n-counterfactuals", "-5"], "n_counterfactuals"),
-                         (["--composers", "smudge"], "composers")):
+                         (["--composers", "smudge"], "composers"),
+                         (["--rows", "teacher_cf", "everything"], "rows")):
         code = None
         try:
             code = main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), *argv])
@@ -70,3 +71,20 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and needle in err[-1]
     assert not (tmp_path / "r" / "colored").exists()
+
+
+def test_a_subset_of_rows_trains_and_generates_only_what_they_need(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    import shutil
+
+    sub = tmp_path / "sub"
+    shutil.copytree(run_dir / "colored" / "transfer", sub / "colored" / "transfer")  # reuse the students' stages
+    shutil.copytree(run_dir / "colored" / "distill", sub / "colored" / "distill")
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(sub), "--quiet",
+                 "--rows", "original", "student_cf+original", "--composers", "--threads", "1"]) == 0
+    table = read_json(sub / "results.json")["results"]["colored"]["table"]
+    assert set(table) == {"original", "student_cf+original"}
+    assert sorted(p.name for p in (sub / "colored" / "datasets").iterdir()) == ["student_cf"]
+    # the same classifier config on the same data as the full run: the same accuracies
+    full = read_json(run_dir / "results.json")["results"]["colored"]["table"]
+    assert table["original"] == full["original"] and table["student_cf+original"] == full["student_cf+original"]
