@@ -88,3 +88,15 @@ def test_a_subset_of_rows_trains_and_generates_only_what_they_need(tiny_run, tmp
     # the same classifier config on the same data as the full run: the same accuracies
     full = read_json(run_dir / "results.json")["results"]["colored"]["table"]
     assert table["original"] == full["original"] and table["student_cf+original"] == full["student_cf+original"]
+
+
+def test_record_keys_say_what_differs_from_the_preset():
+    from skdcgn.pipeline import record_key
+
+    def summary(distill_preset, teacher="shipped"):
+        return {"config": {"distill_preset": distill_preset, "teacher": teacher}, "results": {"wildlife": {}, "colored": {}}}
+
+    assert record_key(summary("quick"), "quick") == "run-quick-wildlife+colored"
+    assert record_key(summary("default"), "quick") == "run-quick-wildlife+colored-default-students"
+    assert record_key(summary("default"), "full") == "run-full-wildlife+colored"
+    assert record_key(summary("quick", "train"), "quick") == "run-quick-wildlife+colored-quick-students-trained-teacher".replace("-quick-students", "")

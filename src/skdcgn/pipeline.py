@@ -268,11 +268,20 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
 
     from .bench import command_line, hardware_info, write_results
 
-    key = f"run-{preset}-" + "+".join(summary["results"]) + ("-trained-teacher" if summary["config"]["teacher"] == "train" else "")
     write_results(out, {
-        "kind": "pipeline", "key": key, "command": command_line(), "run_dir": str(run_dir),
+        "kind": "pipeline", "key": record_key(summary, preset), "command": command_line(), "run_dir": str(run_dir),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware_info(resolve_device(summary["config"]["device"])), **summary})
+
+
+def record_key(summary: dict, preset: str) -> str:
+    """The results-file key of a run: preset, variants, and what differs from the preset's defaults."""
+    cfg = summary["config"]
+    key = f"run-{preset}-" + "+".join(summary["results"])
+    students = PRESETS.get(preset, {}).get("distill_preset", RunConfig.distill_preset)
+    if cfg["distill_preset"] != students:
+        key += f"-{cfg['distill_preset']}-students"
+    return key + ("-trained-teacher" if cfg["teacher"] == "train" else "")
 
 
 def render_record(rec: dict) -> list[str]:
