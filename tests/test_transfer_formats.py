@@ -121,3 +121,16 @@ def test_streamed_training_from_tar_resumes_bitwise(tiny_teacher, tmp_path):
     assert train("b", stop_after=3) is None
     b = train("b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_tar_shards_written_by_two_ranks_equal_one_process(tiny_teacher, tmp_path):
+    mech = tiny_teacher["foreground"]
+    single = query_teacher(mech, tmp_path / "single", n=50, shard_size=10, seed=6, progress=False, shard_format="tar")
+    split = tmp_path / "split"
+    query_teacher(mech, split, n=50, shard_size=10, seed=6, progress=False, shard_format="tar", rank=1, world_size=2)
+    assert sorted(p.name for p in split.glob("shard_*")) == ["shard_00001.tar", "shard_00003.tar"]
+    assert not (split / "manifest.json").exists()  # rank 1 never writes the manifest
+    query_teacher(mech, split, n=50, shard_size=10, seed=6, progress=False, shard_format="tar", rank=0, world_size=2)
+    assert (split / "manifest.json").is_file()
+    for i in range(5):
+        assert (single / f"shard_{i:05d}.tar").read_bytes() == (split / f"shard_{i:05d}.tar").read_bytes()
