@@ -6,7 +6,7 @@
 
     teacher = load_cgn("imagenet-cgn:weights/cgn.pth")
     students = {"in256": load_cgn("students:runs/in256")}
-    ext = load_inception_extractor("cuda", output_layer="inception-2015-12-05.pt")  # layer: for IS
+    ext = load_inception_extractor("cuda", output_layer="inception_output.safetensors")  # for IS
     result = evaluate_against_teacher(teacher, students, n=50_000, extractor=ext, batch_size=50,
                                       seed=0, device="cuda", progress=True)
     print(render_markdown(result))
