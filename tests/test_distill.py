@@ -140,8 +140,10 @@ def test_distill_end_to_end_writes_loadable_students_and_skips_when_done(tiny_te
     m, f, b, x = students.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
     assert m.shape == (4, 1, 32, 32) and x.shape == (4, 3, 32, 32)
     stamp = (tmp_path / "distill" / "students" / "shape" / "model.safetensors").stat().st_mtime_ns
-    distill(teacher, ["shape"], tmp_path, cfg, progress=False)  # finished: skipped
+    first = result["mechanisms"]["shape"]["train_s"]
+    again = distill(teacher, ["shape"], tmp_path, cfg, progress=False)  # finished: skipped
     assert (tmp_path / "distill" / "students" / "shape" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["mechanisms"]["shape"]["train_s"] == first  # the reused student keeps its training time
 
 
 def test_distill_package_is_source_free():

@@ -94,8 +94,9 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
         entry = compare_mechanism(teacher[m], s, m, config.n_eval, config.eval_seed, batch_size=eval_batch)
         entry["params"] = s.get_num_params()
         entry["teacher_params"] = teacher[m].get_num_params()
-        if timings and m in timings:
-            entry.update(timings[m])
+        previous = result["mechanisms"].get(m, {})
+        entry.update(timings[m] if timings and m in timings else  # a reused student keeps its recorded times
+                     {k: previous[k] for k in ("query_s", "train_s") if k in previous})
         result["mechanisms"][m] = entry
         g = torch.Generator().manual_seed(config.eval_seed)
         u = torch.randn(len(y_grid), s.config.latent_dim, generator=g).to(device)

@@ -230,8 +230,11 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
                                    shard_format=config.shard_format)
             source = TransferSet(folder, stream_window=config.stream_window)
         t1 = time.perf_counter()
-        train_student(m, source, run_dir / "distill" / "students" / m, config, progress=progress)
-        timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
+        manifest = run_dir / "distill" / "students" / m / "manifest.json"
+        before = manifest.stat().st_mtime_ns if manifest.is_file() else None
+        train_student(m, source, manifest.parent, config, progress=progress)
+        if not manifest.is_file() or manifest.stat().st_mtime_ns != before:  # trained now, not a reused student
+            timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
     if not evaluate or not env.is_main:
         return {}
     from .evaluate import evaluate_distillation
