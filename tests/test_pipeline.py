@@ -93,10 +93,14 @@ def test_a_subset_of_rows_trains_and_generates_only_what_they_need(tiny_run, tmp
 def test_record_keys_say_what_differs_from_the_preset():
     from skdcgn.pipeline import record_key
 
-    def summary(distill_preset, teacher="shipped"):
-        return {"config": {"distill_preset": distill_preset, "teacher": teacher}, "results": {"wildlife": {}, "colored": {}}}
+    def summary(distill_preset, teacher="shipped", seeds=1):
+        return {"config": {"distill_preset": distill_preset, "teacher": teacher, "seeds": seeds, "rows": list(ROWS)},
+                "results": {"wildlife": {}, "colored": {}}}
 
     assert record_key(summary("quick"), "quick") == "run-quick-wildlife+colored"
     assert record_key(summary("default"), "quick") == "run-quick-wildlife+colored-default-students"
-    assert record_key(summary("default"), "full") == "run-full-wildlife+colored"
+    assert record_key(summary("default", seeds=3), "full") == "run-full-wildlife+colored"
     assert record_key(summary("quick", "train"), "quick") == "run-quick-wildlife+colored-trained-teacher"
+    partial = summary("default")
+    partial["config"].update(rows=["teacher_cf", "student_cf"], seeds=1)
+    assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-1seed"

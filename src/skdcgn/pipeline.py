@@ -281,6 +281,12 @@ def record_key(summary: dict, preset: str) -> str:
     students = PRESETS.get(preset, {}).get("distill_preset", RunConfig.distill_preset)
     if cfg["distill_preset"] != students:
         key += f"-{cfg['distill_preset']}-students"
+    rows = tuple(cfg.get("rows", ROWS))
+    if rows != ROWS:
+        key += "-" + "+".join(rows)
+    seeds = cfg["seeds"]
+    if seeds != PRESETS.get(preset, {}).get("seeds", RunConfig.seeds):
+        key += f"-{seeds}seed" + ("s" if seeds > 1 else "")
     return key + ("-trained-teacher" if cfg["teacher"] == "train" else "")
 
 
