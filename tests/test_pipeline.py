@@ -37,6 +37,8 @@ def test_table_and_report(tiny_run):
     summary = read_json(run_dir / "results.json")
     table = summary["results"]["colored"]["table"]
     assert set(table) == set(ROWS)
+    stage_s = summary["results"]["colored"]["stage_seconds"]  # read back from the stages' manifests
+    assert stage_s["students"] > 0 and stage_s["counterfactuals"] > 0 and stage_s["classifiers"] > 0
     for row in ROWS:
         for split in ("train", "test", "test_iid"):
             assert 0.0 <= table[row][split]["mean"] <= 100.0
