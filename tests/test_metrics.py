@@ -217,3 +217,16 @@ def test_bench_results_merge_runs_and_render(tmp_path):
     assert "659,992" in md and "skdcgn bench quick-cpu" in md
     import json
     assert set(json.loads((tmp_path / "results.json").read_text())["runs"]) == {"quick-cpu", "full-cuda"}
+
+
+def test_imagenet_bench_table_renders_a_record_read_back_from_json(tmp_path):
+    from skdcgn.bench import render_imagenet
+    from skdcgn.io import read_json, write_json
+
+    rows = [{"unit": "composite", "model": m, "params": p, "macs_per_image": 1e9 * p, "images_per_s": {1: s}}
+            for m, p, s in (("teacher", 10, 0.5), ("student", 1, 20.0))]
+    record = {"cost": {"batch_sizes": [1], "rows": rows,
+                       "ratios": [{"unit": "composite", "params": 10.0, "macs": 10.0, "speed": {1: 40.0}}]}}
+    write_json(tmp_path / "r.json", record)
+    text = render_imagenet(read_json(tmp_path / "r.json"))  # keys are strings now
+    assert text == render_imagenet(record) and "| composite | 10.0× | 10× | 40.0× |" in text

@@ -478,10 +478,15 @@ def render_imagenet(record: dict) -> str:
         macs = r["macs_per_image"]
         lines.append(f"| {r['unit']} | {r['model']} | {r['params']:,} | "
                      f"{f'{macs / 1e9:,.1f} G' if macs >= 1e9 else f'{macs / 1e6:,.0f} M'} | "
-                     + " | ".join(f"{r['images_per_s'][x]:.3g}" for x in b) + " |")
+                     + " | ".join(f"{_at_batch(r['images_per_s'], x):.3g}" for x in b) + " |")
     lines += ["", "| unit | params ratio | MACs ratio | " + " | ".join(f"speed-up (batch {x})" for x in b) + " |",
               "|---|---:|---:|" + "---:|" * len(b)]
     for r in cost["ratios"]:
         lines.append(f"| {r['unit']} | {r['params']:.1f}× | {r['macs']:.0f}× | "
-                     + " | ".join(f"{r['speed'][x]:.1f}×" for x in b) + " |")
+                     + " | ".join(f"{_at_batch(r['speed'], x):.1f}×" for x in b) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _at_batch(values: dict, batch: int) -> float:
+    """A per-batch-size value; JSON turns the int keys of a record read back from disk into strings."""
+    return values[batch] if batch in values else values[str(batch)]
