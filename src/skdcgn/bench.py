@@ -222,7 +222,9 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
     s_cgn = load_cgn(f"students:{students}").to(dev).eval() if students else None
     models = {"teacher": t_cgn} if s_cgn is None else {"teacher": t_cgn, "student": s_cgn}
     record: dict = {
-        "key": f"{preset}-{dev.type}", "preset": preset, "settings": dataclasses.asdict(settings),
+        # an explicit thread count gets its own record: 1 and 2 threads are different regimes on a CPU
+        "key": f"{preset}-{dev.type}" + (f"-{threads}thread" + ("s" if threads > 1 else "") if threads else ""),
+        "preset": preset, "settings": dataclasses.asdict(settings),
         "command": command or f"skdcgn bench --preset {preset} --device {device}",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware_info(dev), "teacher": teacher, "students": str(students) if students else None,
