@@ -259,25 +259,33 @@ def _read_shard(path: Path) -> tuple[Tensor, Tensor, Tensor]:
         if set(samples[k]) != {"png", "cls", "u.npy"}:
             raise SkdcgnError(f"{path}: sample {k} has {sorted(samples[k])}, expected cls, png, u.npy")
 
-    def decode_sample(k: str) -> tuple[Tensor, int, Tensor]:
-        parts = samples[k]
+    def unreadable(k: str, e: Exception) -> SkdcgnError:
+        return SkdcgnError(f"{path}: sample {k} is unreadable ({str(e).splitlines()[0][:200]})")
+
+    def decode_png(k: str) -> Tensor:
         try:
-            u = np.load(io.BytesIO(parts["u.npy"]), allow_pickle=False)
-            y = int(parts["cls"].decode("ascii"))
-            with Image.open(io.BytesIO(parts["png"])) as im:
+            with Image.open(io.BytesIO(samples[k]["png"])) as im:
                 if im.format != "PNG" or im.mode not in ("L", "RGB"):
                     raise ValueError(f"the image is {im.format} {im.mode}, expected a grey or RGB PNG")
                 image = np.asarray(im)
         except (ValueError, OSError, UnidentifiedImageError) as e:
-            raise SkdcgnError(f"{path}: sample {k} is unreadable ({str(e).splitlines()[0][:200]})") from None
+            raise unreadable(k, e) from None
+        out = torch.from_numpy(image.copy())
+        return out.unsqueeze(0) if image.ndim == 2 else out.permute(2, 0, 1)
+
+    us, ys = [], []
+    for k in keys:  # in this thread: np.load parses headers with `ast`, not thread-safe in CPython 3.11 (seen: SystemError)
+        try:
+            u = np.load(io.BytesIO(samples[k]["u.npy"]), allow_pickle=False)
+            ys.append(int(samples[k]["cls"].decode("ascii")))
+        except (ValueError, OSError) as e:
+            raise unreadable(k, e) from None
         if u.dtype not in (np.float32, np.float16) or u.ndim != 1:
             raise SkdcgnError(f"{path}: sample {k}: u is {u.dtype} {list(u.shape)}, expected a float vector")
-        out = torch.from_numpy(image.copy())
-        return torch.from_numpy(u.copy()), y, out.unsqueeze(0) if image.ndim == 2 else out.permute(2, 0, 1)
-
+        us.append(torch.from_numpy(u.copy()))
     # PNG decoding releases the GIL: threads keep a streamed 256-px set ahead of a GPU (~1 ms an image)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        us, ys, outs = zip(*pool.map(decode_sample, keys))
+        outs = list(pool.map(decode_png, keys))
     try:
         u_all, out_all = torch.stack(us), torch.stack(outs)
     except RuntimeError:
