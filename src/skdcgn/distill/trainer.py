@@ -148,6 +148,13 @@ class DistillConfig:
         return cfg
 
 
+# what the 128- and 256-px ImageNet presets share: tar shards streamed 4 at a time, long training
+_IMAGENET: dict = {"student_embed_dim": 128, "student_extra_blocks": 0, "shifted_texture": False,
+                   "disc_widths": (16, 32, 64, 128, 256), "n_transfer": 1_000_000, "shard_format": "tar",
+                   "stream_window": 4, "steps": 200_000, "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4,
+                   "lr_d": 2e-4, "ema_decay": 0.999, "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000,
+                   "checkpoint_interval": 1_000, "benchmark": False}
+
 PRESETS: dict[str, dict] = {
     # the smoke run: all three mechanisms in about 2 minutes on 2 CPU cores
     "quick": {"n_transfer": 6_000, "shard_size": 3_000, "steps": 500, "texture_steps": 250, "n_eval": 500,
@@ -160,20 +167,10 @@ PRESETS: dict[str, dict] = {
              "log_interval": 2, "sample_interval": 3, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.3},
     # ImageNet (CGN-ImageNet teacher, 1000 classes): TinyGAN-style students, ≤ 1/15 of a BigGAN-deep-256
     # each; meant for GPUs under torchrun (batch_size is global), with bf16
-    "imagenet-256": {"student_image_size": 256, "student_widths": (256, 192, 128, 64, 32, 16), "student_embed_dim": 128,
-                     "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
-                     "n_transfer": 1_000_000, "shard_size": 5_000, "shard_format": "tar", "stream_window": 4,
-                     "query_batch_size": 50, "steps": 200_000,
-                     "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
-                     "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
-                     "benchmark": False},
-    "imagenet-128": {"student_image_size": 128, "student_widths": (256, 192, 128, 64, 32), "student_embed_dim": 128,
-                     "student_extra_blocks": 0, "shifted_texture": False, "disc_widths": (16, 32, 64, 128, 256),
-                     "n_transfer": 1_000_000, "shard_size": 10_000, "shard_format": "tar", "stream_window": 4,
-                     "query_batch_size": 100, "steps": 200_000,
-                     "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4, "lr_d": 2e-4, "ema_decay": 0.999,
-                     "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000, "checkpoint_interval": 1_000,
-                     "benchmark": False},
+    "imagenet-256": {**_IMAGENET, "student_image_size": 256, "student_widths": (256, 192, 128, 64, 32, 16),
+                     "shard_size": 5_000, "query_batch_size": 50},
+    "imagenet-128": {**_IMAGENET, "student_image_size": 128, "student_widths": (256, 192, 128, 64, 32),
+                     "shard_size": 10_000, "query_batch_size": 100},
     # unit tests of the ImageNet path (a tiny 32-px BigGAN teacher, 1000 classes)
     "imagenet-tiny": {"n_transfer": 64, "shard_size": 16, "steps": 4, "texture_steps": 0, "batch_size": 8, "n_eval": 8,
                       "student_widths": (8, 8, 8), "student_extra_blocks": 0, "student_embed_dim": 8,
