@@ -1,7 +1,6 @@
 """Students vs teacher evaluation (skdcgn.metrics.inception_eval) and the Inception Score math."""
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import itertools
@@ -173,21 +172,21 @@ def test_refuses_students_that_cannot_take_the_teachers_inputs(teacher):
 
 
 def test_command_line_hook_with_the_domain_net(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    ie.add_arguments(parser)
+    from skdcgn.cli import main
+    from skdcgn.commands.evaluate import parse_classes
+
     out = tmp_path / "eval.json"
-    args = parser.parse_args(["--teacher", "double_colored", "--student", "same=double_colored", "--features", "domain",
-                              "--n", "40", "--batch-size", "20", "--device", "cpu", "--splits", "4", "--classes", "0-4",
-                              "--kid-subsets", "2", "--out", str(out), "--no-progress"])
-    assert ie.run_from_args(args) == 0
+    assert main(["evaluate", "--teacher", "double_colored", "--student", "same=double_colored", "--features", "domain",
+                 "--n", "40", "--batch-size", "20", "--device", "cpu", "--splits", "4", "--classes", "0-4",
+                 "--kid-subsets", "2", "--out", str(out), "--no-progress"]) == 0
     r = json.loads(out.read_text())
     assert r["protocol"]["extractor"] == "domain_net" and r["protocol"]["classes"] == [0, 1, 2, 3, 4]
     assert r["students"]["same"]["composite"]["fid"] < 1e-6
     assert 1.0 <= r["teacher"]["composite"]["is"] <= 5.0 + 1e-9  # digit logits: at most the 5 drawn classes
     assert "| composite | same |" in capsys.readouterr().out
-    assert ie.parse_classes("0-2, 7") == [0, 1, 2, 7]
+    assert parse_classes("0-2, 7") == [0, 1, 2, 7]
     with pytest.raises(SkdcgnError):
-        ie.parse_classes("a-b")
+        parse_classes("a-b")
 
 
 # ---- the Inception output layer (logits for IS) --------------------------------------------------
