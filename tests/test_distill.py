@@ -144,6 +144,27 @@ def test_distill_end_to_end_writes_loadable_students_and_skips_when_done(tiny_te
     again = distill(teacher, ["shape"], tmp_path, cfg, progress=False)  # finished: skipped
     assert (tmp_path / "distill" / "students" / "shape" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["mechanisms"]["shape"]["train_s"] == first  # the reused student keeps its training time
+    # nothing new to measure: the evaluation is not repeated (eval.json untouched)...
+    eval_json = tmp_path / "distill" / "eval.json"
+    stamp = eval_json.stat().st_mtime_ns
+    assert distill(teacher, ["shape"], tmp_path, cfg, progress=False) == again
+    assert eval_json.stat().st_mtime_ns == stamp
+    # ...but it is when what it depends on differs from what it was made with
+    import json
+    stored = json.loads(eval_json.read_text())
+    stored["inputs"]["students"]["shape"] = "another student"
+    stored["mechanisms"]["shape"]["l1"] = -1.0
+    eval_json.write_text(json.dumps(stored))
+    assert distill(teacher, ["shape"], tmp_path, cfg, progress=False)["mechanisms"]["shape"]["l1"] == again["mechanisms"]["shape"]["l1"]
+
+
+def test_where_a_student_was_trained_is_not_part_of_what_it_is(tiny_teacher, tmp_path):
+    a, out = _train(tiny_teacher, tmp_path, "s", threads=1)  # and device="cpu" (tiny's), hashed as "auto"
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    b, _ = _train(tiny_teacher, tmp_path, "s", threads=0)  # reused, not trained again
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp and _tensors_equal(a.state_dict(), b.state_dict())
+    _train(tiny_teacher, tmp_path, "s", steps=7)  # what it is: trained again
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
 
 
 def test_distill_package_is_source_free():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..grids import image_grid, save_png, stack_grids
-from ..io import read_json, write_json
+from ..io import MANIFEST, read_json, write_json
 from ..models.cgn import CGN, MECHANISMS
 from ..models.pretrained import load_model
 
@@ -80,6 +80,9 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
     result = read_json(path) if path.is_file() else {}
     result.setdefault("mechanisms", {})
     device = teacher_cgn.device
+    inputs = _evaluation_inputs(out_dir, config, device)
+    if not timings and result.get("inputs") == inputs and all(m in result["mechanisms"] for m in mechanisms):
+        return result  # the same students, evaluated the same way: a resumed run does not re-measure them
     teacher = teacher_cgn.mechanisms()
     students = {}
     for m in MECHANISMS:
@@ -127,5 +130,20 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
                 "teacher": round(speed_t, 1), "students": round(speed_s, 1), "speedup": round(speed_s / speed_t, 2),
                 "batch_size": 256, "device": str(device), "threads": torch.get_num_threads(),
                 "note": "best of 5 batches, same process; noisy on a shared machine"}
+    result["inputs"] = inputs
     write_json(path, result)
     return result
+
+
+def _evaluation_inputs(out_dir: Path, config: DistillConfig, device: torch.device) -> dict:
+    """What an evaluation depends on: each finished student (its manifest's hash names its config,
+    transfer set and hence teacher), the held-out draw and, for the speed numbers, where they ran."""
+    students = {}
+    for m in MECHANISMS:
+        manifest = out_dir / "students" / m / MANIFEST
+        if manifest.is_file():
+            students[m] = read_json(manifest).get("config_hash")
+    inputs = {"students": students, "n_eval": config.n_eval, "eval_seed": config.eval_seed, "benchmark": config.benchmark}
+    if config.benchmark:
+        inputs.update(device=str(device), threads=torch.get_num_threads())
+    return inputs

@@ -181,10 +181,17 @@ IMAGENET_FIELDS = {"student_image_size": 32, "shifted_texture": True, "online": 
                    "shard_format": "safetensors", "stream_window": 0}
 
 
+# Where a student was trained is not what it is: these are hashed at their defaults, so students made
+# with `--threads 1` or `--device cpu` are reused by a run without them (and manifests written with
+# the defaults keep their hash).
+PLACEMENT_FIELDS = {"device": "auto", "threads": 0}
+
+
 def config_record(config: DistillConfig) -> dict:
     """The config as hashed into stage manifests: the ImageNet-track fields only when they differ
-    from their defaults, so CGN-MNIST runs made before they existed are still recognised."""
-    record = dataclasses.asdict(config)
+    from their defaults, so CGN-MNIST runs made before they existed are still recognised, and the
+    placement fields at their defaults."""
+    record = {**dataclasses.asdict(config), **PLACEMENT_FIELDS}
     for k, default in IMAGENET_FIELDS.items():
         if record[k] == default:
             del record[k]
