@@ -141,6 +141,18 @@ def test_interrupted_dataset_resumes_without_duplicates(tmp_path, monkeypatch):
     assert not torch.equal(load_image_dataset(tmp_path / "run", dtype=torch.uint8)[0], ref[0])
 
 
+def test_a_foreign_shard_in_a_resumed_dataset_is_rewritten(tmp_path):
+    kwargs = dict(n=40, per_shape=5, shard_size=20, progress=False)  # two shards of the same size
+    ref = load_image_dataset(generate_counterfactuals(fake_cgn(), tmp_path / "a", seed=3, **kwargs), dtype=torch.uint8)
+    generate_counterfactuals(fake_cgn(), tmp_path / "b", seed=4, **kwargs)
+    # a shard of another recipe (right keys, right count) where an interrupted run left shard 1
+    (tmp_path / "a" / "shard_00001.safetensors").write_bytes((tmp_path / "b" / "shard_00001.safetensors").read_bytes())
+    (tmp_path / "a" / "manifest.json").unlink()
+    generate_counterfactuals(fake_cgn(), tmp_path / "a", seed=3, **kwargs)
+    images, labels = load_image_dataset(tmp_path / "a", dtype=torch.uint8)
+    assert torch.equal(images, ref[0]) and torch.equal(labels, ref[1])
+
+
 @pytest.mark.parametrize("composer", COMPOSERS)
 def test_every_composer_writes_a_dataset(tmp_path, composer):
     out = generate_counterfactuals(fake_cgn(), tmp_path / composer, n=20, per_shape=2, seed=0,

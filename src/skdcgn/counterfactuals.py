@@ -30,7 +30,7 @@ from .compose import COMPOSERS, compose_variant
 from .errors import SkdcgnError
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
-from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
+from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file, tensor_file_metadata,
                  stage_complete, write_json, write_manifest)
 
 PROGRESS = "progress.json"
@@ -148,9 +148,10 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
     for i in range(n_shards):
         count = min(shard_size, n - i * shard_size)
         path = out_dir / SHARD_PATTERN.format(i)
-        if not (path.is_file() and _shard_ok(path, count)):  # shards are atomic: present means complete
+        tag = {"config_hash": config_hash(config), "shard": str(i)}
+        if not _shard_ok(path, count, tag):  # shards are atomic: a tagged one is complete
             tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes)
-            save_tensors(path, tensors, metadata={"config_hash": config_hash(config), "shard": str(i)})
+            save_tensors(path, tensors, metadata=tag)
         shards.append({"file": path.name, "count": count, "sha256": sha256_file(path)})
         bar.update(count)
     bar.close()
@@ -172,7 +173,10 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
     return out_dir
 
 
-def _shard_ok(path: Path, count: int) -> bool:
+def _shard_ok(path: Path, count: int, tag: dict[str, str]) -> bool:
+    """Shard `tag["shard"]` of this dataset's recipe, whole: a foreign or damaged file is rewritten."""
+    if tensor_file_metadata(path) != tag:
+        return False
     try:
         t = load_tensors(path)
     except SkdcgnError:

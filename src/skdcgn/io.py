@@ -188,6 +188,17 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise SkdcgnError(f"{path}: not a valid safetensors file ({e})") from None
 
 
+def tensor_file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header alone; {} for an unreadable file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001  (missing, truncated, foreign: no metadata to trust)
+        return {}
+
+
 def load_torch_state_dict(path: str | os.PathLike) -> dict:
     """A foreign PyTorch checkpoint as data: zip format only, `weights_only=True`, a dict at the top."""
     import pickle

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..errors import SkdcgnError
 from ..io import (MANIFEST, atomic_path, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
-                  stage_complete, write_manifest)
+                  stage_complete, tensor_file_metadata, write_manifest)
 
 U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_FORMATS = ("safetensors", "tar")
@@ -200,10 +200,7 @@ def _shard_ok(path: Path, chash: str, index: int) -> bool:
             with tarfile.open(path, "r:") as tar:  # the marker is the archive's global pax header
                 marker = tar.pax_headers.get(MARKER)
         else:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                marker = (f.metadata() or {}).get("shard")
+            marker = tensor_file_metadata(path).get("shard")
         return marker == f"{chash}:{index}"
     except Exception:  # noqa: BLE001  (any unreadable file is simply rewritten)
         return False
