@@ -105,8 +105,11 @@ def config_from_args(config_cls: type[C], args: argparse.Namespace, base: dict |
     return config_from_dict(config_cls, values, "config")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is a clear error."""
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without it is a clear error. A
+    `torch.device` is returned as it is."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -227,10 +227,6 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _device(device: str | torch.device) -> torch.device:
-    return device if isinstance(device, torch.device) else resolve_device(device)
-
-
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SkdcgnError(f"batch_size: expected a positive integer, got {batch_size!r}")
@@ -330,7 +326,7 @@ def imagenet9_accuracy(model: nn.Module, root: str | Path,
         raise SkdcgnError(f"{root}: no IN-9 variants (expected {Path(root) / '<variant>' / 'val' / IN9_CLASSES[0]})")
     data = {v: in9_images(root, v) for v in names}  # check every folder before the first forward pass
     preprocess = NO_RESIZE_PREPROCESS if preprocess is None else preprocess
-    dev = _device(device)
+    dev = resolve_device(device)
     results: dict[str, dict] = {}
     with _EvalMode(model, dev) as m:
         for v, pairs in data.items():
@@ -395,7 +391,7 @@ def cue_conflict_shape_bias(model: nn.Module, root: str | Path,
     _check_batch_size(batch_size)
     triples = cue_conflict_images(root)
     preprocess = IMAGENET_PREPROCESS if preprocess is None else preprocess
-    dev = _device(device)
+    dev = resolve_device(device)
     decisions: list[str] = []
     with _EvalMode(model, dev) as m:
         with tqdm(total=len(triples), desc="cue-conflict", unit="img", disable=not progress, leave=False) as bar:
