@@ -106,3 +106,24 @@ def test_record_keys_say_what_differs_from_the_preset():
     partial = summary("default")
     partial["config"].update(rows=["teacher_cf", "student_cf"], seeds=1)
     assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-1seed"
+
+
+def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
+    import dataclasses
+
+    from skdcgn.pipeline import RunConfig, record_results
+
+    def summary(rows, seeds=1):
+        config = {**dataclasses.asdict(RunConfig(device="cpu", distill_preset="default")), "rows": list(rows), "seeds": seeds,
+                  "composers": []}
+        table = {r: {s: {"mean": 50.0, "std": 0.0, "n": seeds} for s in ("train", "test", "test_iid")} for r in rows}
+        return {"config": config, "results": {"colored": {"table": table}}, "seconds": 1.0}
+
+    md = tmp_path / "results.md"
+    record_results(md, "runs/x", summary(["teacher_cf", "student_cf"]), "full")
+    record_results(md, "runs/x", summary(["original"], seeds=3), "full")  # other seeds: other classifiers
+    record_results(md, "runs/y", summary(["original"]), "full")  # another run folder
+    record_results(md, "runs/x", summary(ROWS), "full")
+    keys = set(read_json(tmp_path / "results.json")["runs"])
+    assert keys == {"run-full-colored-1seed", "run-full-colored-original", "run-full-colored-original-1seed"}
+    assert "teacher_cf+student_cf" not in md.read_text()

@@ -248,8 +248,10 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
     return record
 
 
-def write_results(out: str | os.PathLike, record: dict) -> None:
-    """Merge `record` into the JSON twin of `out` (by its key) and re-render the markdown."""
+def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> None:
+    """Merge `record` into the JSON twin of `out` (by its key) and re-render the markdown.
+
+    supersedes(old) -> True drops an older record that `record` makes redundant."""
     out = Path(out)
     twin = out.with_suffix(".json")
     runs: dict = {}
@@ -260,6 +262,8 @@ def write_results(out: str | os.PathLike, record: dict) -> None:
             runs = {}  # a broken twin is replaced, not trusted
         if not isinstance(runs, dict):
             runs = {}
+    if supersedes is not None:
+        runs = {k: r for k, r in runs.items() if k == record["key"] or not supersedes(r)}
     runs[record["key"]] = record
     doc = {"skdcgn_version": __version__, "runs": dict(sorted(runs.items()))}
     write_json(twin, doc)

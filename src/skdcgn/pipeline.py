@@ -25,7 +25,7 @@ import torch
 from .compose import COMPOSERS
 from .config import resolve_device
 from .errors import SkdcgnError
-from .io import read_json, stage_complete, write_json, write_manifest
+from .io import config_hash, read_json, stage_complete, write_json, write_manifest
 
 VARIANTS = ("colored", "double_colored", "wildlife")
 ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
@@ -282,10 +282,20 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
 
     from .bench import command_line, hardware_info, write_results
 
-    write_results(out, {
-        "kind": "pipeline", "key": record_key(summary, preset), "command": command_line(), "run_dir": str(run_dir),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": hardware_info(resolve_device(summary["config"]["device"])), **summary})
+    record = {"kind": "pipeline", "key": record_key(summary, preset), "command": command_line(), "run_dir": str(run_dir),
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "hardware": hardware_info(resolve_device(summary["config"]["device"])), **summary}
+    write_results(out, record, supersedes=lambda old: _row_subset_of(old, record))
+
+
+def _row_subset_of(old: dict, new: dict) -> bool:
+    """True when `old` recorded some of `new`'s rows from the same run folder and settings: the
+    classifiers are the same ones (resumed, not retrained), so its table is a part of the new one."""
+    if old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"]):
+        return False
+    a, b = dict(old["config"]), dict(new["config"])
+    rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
+    return config_hash(a) == config_hash(b) and rows_a <= rows_b  # hashed: JSON lists vs tuples
 
 
 def record_key(summary: dict, preset: str) -> str:
