@@ -225,6 +225,20 @@ def test_tiny_training_learns(tmp_path):
     assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_monitoring_a_test_set_logs_each_epoch_and_changes_nothing(tmp_path):
+    images, labels = separable_set(96)
+    test_x, test_y = separable_set(64, seed=1)
+    config = ClassifierConfig(epochs=3, batch_size=16, seed=2, device="cpu")
+    plain = train_classifier(images, labels, config, progress=False)
+    watched = train_classifier(images, labels, config, tmp_path, progress=False, monitor={"test": (test_x, test_y)})
+    assert all(torch.equal(v, w) for v, w in zip(plain.state_dict().values(), watched.state_dict().values()))
+    log = json.loads((tmp_path / "manifest.json").read_text())["log"]
+    assert len(log) == 3 and all(0 <= r["test_accuracy"] <= 1 for r in log)
+    assert log[-1]["test_accuracy"] == round(evaluate(watched, test_x, test_y), 6)
+    header = (tmp_path / "train_log.csv").read_text().splitlines()[0]
+    assert header.endswith(",seconds,test_accuracy")
+
+
 def test_interrupted_training_resumes_bitwise(tmp_path):
     images, labels = separable_set(64)
     config = ClassifierConfig(epochs=2, batch_size=16, seed=5, device="cpu")

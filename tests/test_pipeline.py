@@ -44,6 +44,16 @@ def test_table_and_report(tiny_run):
             assert 0.0 <= table[row][split]["mean"] <= 100.0
     md = (run_dir / "results.md").read_text()
     assert "| student_cf |" in md and "test (OOD)" in md
+    curves = summary["results"]["colored"]["test_by_epoch"]  # each classifier's OOD accuracy after each epoch
+    assert set(curves) == set(ROWS)
+    for row in ROWS:
+        assert len(curves[row]) == summary["config"]["classifier_epochs"]
+        assert curves[row][-1] == pytest.approx(table[row]["test"]["mean"], abs=0.01)  # same images, same model
+    from skdcgn.pipeline import record_results
+
+    record_results(run_dir / "record.md", run_dir, summary, "tiny")
+    recorded = (run_dir / "record.md").read_text()
+    assert "after each epoch" in recorded and f"| colored | student_cf | {curves['student_cf'][0]:.1f} |" in recorded
     html = (run_dir / "report.html").read_text()
     for img in ("accuracy.png", "colored/distill/compare_composite.png", "colored/datasets/student_cf/preview.png"):
         assert f"src='{img}'" in html and (run_dir / img).is_file()

@@ -152,19 +152,24 @@ LOG_FIELDS = ("epoch", "steps", "lr", "loss", "accuracy", "seconds")
 
 
 def _write_log(path: Path, log: list[dict]) -> None:
-    write_csv(path, LOG_FIELDS, ([row[k] for k in LOG_FIELDS] for row in log), lineterminator="\n")
+    fields = (*LOG_FIELDS, *sorted({k for row in log for k in row} - set(LOG_FIELDS)))  # + monitored accuracies
+    write_csv(path, fields, ([row.get(k, "") for k in fields] for row in log), lineterminator="\n")
 
 
 # ---- training and evaluation ------------------------------------------------------------------------
 
 def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | None = None,
                      out_dir: str | os.PathLike | None = None, *, progress: bool = True,
-                     on_epoch_end: Callable[[int, dict], None] | None = None) -> Classifier:
+                     on_epoch_end: Callable[[int, dict], None] | None = None,
+                     monitor: dict[str, tuple[Tensor, Tensor]] | None = None) -> Classifier:
     """Train a classifier on (images [N, 3, H, W] uint8 or float in [-1, 1], labels int64 [N]).
 
     With `out_dir`, the run is resumable (a checkpoint per epoch), skipped when already complete
     for the same config and data, and ends with the classifier saved there (`load_classifier`).
     on_epoch_end(epoch, log_row) is called after each epoch's checkpoint is written.
+    monitor: {name: (images, labels)} scored after every epoch into the log as `<name>_accuracy`
+    (e.g. the OOD test split, to see whether the last epoch is representative); it does not
+    change the training: the same weights with or without it.
     Returns the trained classifier in eval mode, on the config's device.
     """
     config = config or ClassifierConfig()
@@ -233,6 +238,8 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
             epoch += 1
             row = {"epoch": epoch, "steps": step, "lr": lr, "loss": round(loss_sum / seen, 6),
                    "accuracy": round(correct / seen, 6), "seconds": round(time.perf_counter() - t0, 2)}
+            for name, (mx, my) in (monitor or {}).items():
+                row[f"{name}_accuracy"] = round(evaluate(model, mx, my), 6)  # eval mode: BN statistics untouched
             log.append(row)
             if progress:
                 print(f"epoch {epoch}: loss {row['loss']:.4f}, train accuracy {row['accuracy']:.4f}, "

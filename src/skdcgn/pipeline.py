@@ -186,7 +186,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         return x, y
 
     t = time.perf_counter()
-    table = {}
+    table, by_epoch = {}, {}
     for row in rows:
         loaded: dict = {}  # the row's training data, loaded once for all seeds and only if needed
 
@@ -195,11 +195,13 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
                 loaded["data"] = training_data(row)
             return loaded["data"]
 
-        accs = [_classifier_accuracy(vdir / "classifiers" / row / f"seed{s}", row, s, config, get_data, tests, progress)
-                for s in range(config.seeds)]
+        outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
+        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, progress) for s, out in enumerate(outs)]
         table[row] = _mean_std(accs)
+        if (curve := _test_by_epoch(outs)) is not None:
+            by_epoch[row] = curve
     timed("classifiers", t)
-    summary = {"table": table, "timings_s": timings,
+    summary = {"table": table, "timings_s": timings, **({"test_by_epoch": by_epoch} if by_epoch else {}),
                "stage_seconds": stage_seconds(vdir, rows, [d for d in datasets if d in needed], config.seeds)}
     write_json(vdir / "results.json", summary)
     return summary
@@ -218,6 +220,20 @@ def stage_seconds(vdir: Path, rows: list[str], datasets: list[str], seeds: int) 
                                      for r in rows for s in range(seeds)), 1)}
 
 
+def _test_by_epoch(outs: list[Path]) -> list[float] | None:
+    """OOD test accuracy (%) after each epoch, mean over seeds, from the classifiers' logs; None
+    when a classifier was trained before the test split was monitored."""
+    curves = []
+    for out in outs:
+        log = read_json(out / "manifest.json").get("log", []) if (out / "manifest.json").is_file() else []
+        if not log or any("test_accuracy" not in r for r in log):
+            return None
+        curves.append([100.0 * r["test_accuracy"] for r in log])
+    if len({len(c) for c in curves}) != 1:
+        return None
+    return [round(statistics.fmean(v), 2) for v in zip(*curves)]
+
+
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, progress: bool) -> dict:
     """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
     from .invariance import ClassifierConfig, evaluate, train_classifier
@@ -231,8 +247,9 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
         return read_json(eval_dir / "manifest.json")["accuracy"]
     _say(progress, f"classifier {row} (seed {seed})")
     x, y = get_data()
-    clf = train_classifier(x, y, ccfg, out, progress=progress)
     k = config.eval_examples
+    test_x, test_y = tests["test"]
+    clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])})
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
     acc = {"train": evaluate(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():
@@ -330,6 +347,16 @@ def render_record(rec: dict) -> list[str]:
              + f", {cfg['seeds']} seed(s); accuracy on {cfg['eval_examples']:,} images per split",
              f"- wall time of the recording invocation: {rec['seconds']:.0f} s" + _stage_time_text(rec), "",
              "Accuracy (%), train / test (out of distribution) / test_iid:", "", format_table(rec), ""]
+    curves = {(v, row): r["test_by_epoch"][row] for v, r in rec["results"].items()
+              for row in table_rows(rec["results"]) if row in r.get("test_by_epoch", {})}
+    if curves:  # is the last epoch (the table) representative of the run?
+        n = max(len(c) for c in curves.values())
+        lines += ["OOD test accuracy (%) after each epoch (mean over seeds; the table reports the last):", "",
+                  "| variant | trained on | " + " | ".join(str(e + 1) for e in range(n)) + " | best − last |",
+                  "|---|---|" + "---|" * (n + 1)]
+        lines += [f"| {v} | {row} | " + " | ".join([f"{a:.1f}" for a in c] + ["–"] * (n - len(c)))
+                  + f" | {max(c) - c[-1]:.1f} |" for (v, row), c in curves.items()]
+        lines.append("")
     return lines
 
 
