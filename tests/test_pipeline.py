@@ -47,13 +47,13 @@ def test_table_and_report(tiny_run):
     curves = summary["results"]["colored"]["test_by_epoch"]  # each classifier's OOD accuracy after each epoch
     assert set(curves) == set(ROWS)
     for row in ROWS:
-        assert len(curves[row]) == summary["config"]["classifier_epochs"]
-        assert curves[row][-1] == pytest.approx(table[row]["test"]["mean"], abs=0.01)  # same images, same model
+        assert curves[row]["seeds"] == [0] and len(curves[row]["mean"]) == summary["config"]["classifier_epochs"]
+        assert curves[row]["mean"][-1] == pytest.approx(table[row]["test"]["mean"], abs=0.01)  # same images and model
     from skdcgn.pipeline import record_results
 
     record_results(run_dir / "record.md", run_dir, summary, "tiny")
     recorded = (run_dir / "record.md").read_text()
-    assert "after each epoch" in recorded and f"| colored | student_cf | {curves['student_cf'][0]:.1f} |" in recorded
+    assert "after each epoch" in recorded and f"| colored | student_cf | 0 | {curves['student_cf']['mean'][0]:.1f} |" in recorded
     html = (run_dir / "report.html").read_text()
     for img in ("accuracy.png", "colored/distill/compare_composite.png", "colored/datasets/student_cf/preview.png"):
         assert f"src='{img}'" in html and (run_dir / img).is_file()
@@ -137,3 +137,18 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     keys = set(read_json(tmp_path / "results.json")["runs"])
     assert keys == {"run-full-colored-1seed", "run-full-colored-original", "run-full-colored-original-1seed"}
     assert "teacher_cf+student_cf" not in md.read_text()
+
+
+def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):
+    from skdcgn.io import write_json
+    from skdcgn.pipeline import _test_by_epoch
+
+    logs = [[{"epoch": 1}, {"epoch": 2}],  # trained before monitoring existed
+            [{"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.7}],
+            [{"epoch": 1, "test_accuracy": 0.6}, {"epoch": 2, "test_accuracy": 0.8}]]
+    outs = [tmp_path / f"seed{s}" for s in range(3)]
+    for out, log in zip(outs, logs):
+        out.mkdir()
+        write_json(out / "manifest.json", {"log": log})
+    assert _test_by_epoch(outs) == {"seeds": [1, 2], "mean": [55.0, 75.0]}
+    assert _test_by_epoch(outs[:1]) is None

@@ -220,18 +220,18 @@ def stage_seconds(vdir: Path, rows: list[str], datasets: list[str], seeds: int) 
                                      for r in rows for s in range(seeds)), 1)}
 
 
-def _test_by_epoch(outs: list[Path]) -> list[float] | None:
-    """OOD test accuracy (%) after each epoch, mean over seeds, from the classifiers' logs; None
-    when a classifier was trained before the test split was monitored."""
-    curves = []
-    for out in outs:
+def _test_by_epoch(outs: list[Path]) -> dict | None:
+    """OOD test accuracy (%) after each epoch from the classifiers' logs, mean over the seeds whose
+    every epoch was monitored (classifiers trained before monitoring existed have none); None if none."""
+    curves, seeds = [], []
+    for s, out in enumerate(outs):
         log = read_json(out / "manifest.json").get("log", []) if (out / "manifest.json").is_file() else []
-        if not log or any("test_accuracy" not in r for r in log):
-            return None
-        curves.append([100.0 * r["test_accuracy"] for r in log])
-    if len({len(c) for c in curves}) != 1:
+        if log and all("test_accuracy" in r for r in log):
+            curves.append([100.0 * r["test_accuracy"] for r in log])
+            seeds.append(s)
+    if not curves or len({len(c) for c in curves}) != 1:
         return None
-    return [round(statistics.fmean(v), 2) for v in zip(*curves)]
+    return {"seeds": seeds, "mean": [round(statistics.fmean(v), 2) for v in zip(*curves)]}
 
 
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, progress: bool) -> dict:
@@ -350,12 +350,15 @@ def render_record(rec: dict) -> list[str]:
     curves = {(v, row): r["test_by_epoch"][row] for v, r in rec["results"].items()
               for row in table_rows(rec["results"]) if row in r.get("test_by_epoch", {})}
     if curves:  # is the last epoch (the table) representative of the run?
-        n = max(len(c) for c in curves.values())
-        lines += ["OOD test accuracy (%) after each epoch (mean over seeds; the table reports the last):", "",
-                  "| variant | trained on | " + " | ".join(str(e + 1) for e in range(n)) + " | best − last |",
-                  "|---|---|" + "---|" * (n + 1)]
-        lines += [f"| {v} | {row} | " + " | ".join([f"{a:.1f}" for a in c] + ["–"] * (n - len(c)))
-                  + f" | {max(c) - c[-1]:.1f} |" for (v, row), c in curves.items()]
+        n = max(len(c["mean"]) for c in curves.values())
+        lines += ["OOD test accuracy (%) after each epoch (mean over the monitored seeds; the table reports "
+                  "the last epoch):", "",
+                  "| variant | trained on | seeds | " + " | ".join(str(e + 1) for e in range(n)) + " | best − last |",
+                  "|---|---|---|" + "---|" * (n + 1)]
+        for (v, row), c in curves.items():
+            m = c["mean"]
+            lines.append(f"| {v} | {row} | {', '.join(map(str, c['seeds']))} | "
+                         + " | ".join([f"{a:.1f}" for a in m] + ["–"] * (n - len(m))) + f" | {max(m) - m[-1]:.1f} |")
         lines.append("")
     return lines
 
