@@ -77,11 +77,20 @@ def decode(q: Tensor, is_mask: bool) -> Tensor:
 @torch.no_grad()
 def teacher_fingerprint(mechanism: nn.Module, latent_dim: int, n_classes: int, device: torch.device | str = "cpu") -> str:
     """A hash of the teacher's (quantised) outputs on fixed inputs: identifies it as a black box."""
+    return _fingerprint(_probe(mechanism, latent_dim, n_classes, device))
+
+
+def _probe(mechanism: nn.Module, latent_dim: int, n_classes: int, device: torch.device | str) -> Tensor:
+    """The teacher's quantised outputs on 16 fixed inputs (its fingerprint, and its output shape)."""
     g = torch.Generator().manual_seed(20220808)
     u = torch.randn(16, latent_dim, generator=g)
     y = torch.arange(16) % n_classes
     out = mechanism(u.to(device), y.to(device)).cpu()
-    return hashlib.sha256(encode(out, out.shape[1] == 1).numpy().tobytes()).hexdigest()[:16]
+    return encode(out, out.shape[1] == 1)
+
+
+def _fingerprint(probe: Tensor) -> str:
+    return hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]
 
 
 def _shard_inputs(seed: int, index: int, size: int, latent_dim: int, n_classes: int) -> tuple[Tensor, Tensor]:
@@ -124,11 +133,14 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
         raise SkdcgnError(f"shard_format: {shard_format!r} is not one of {', '.join(SHARD_FORMATS)}")
     was_training = mechanism.training
     mechanism.eval()
+    probe = _probe(mechanism, latent_dim, n_classes, device)
+    shape = list(probe.shape[1:])  # every shard's output shape, known without decoding one
     config = {"n": n, "shard_size": shard_size, "seed": seed, "latent_dim": latent_dim, "n_classes": n_classes,
-              "u_dtype": u_dtype, "teacher": teacher_fingerprint(mechanism, latent_dim, n_classes, device)}
+              "u_dtype": u_dtype, "teacher": _fingerprint(probe)}
     if shard_format != "safetensors":  # absent for safetensors: sets written before tar existed keep their hash
         config["format"] = shard_format
     if stage_complete(out_dir, config):
+        mechanism.train(was_training)
         return out_dir
     n_shards = math.ceil(n / shard_size)
     names = [SHARD[shard_format].format(i) for i in range(n_shards)]
@@ -145,7 +157,6 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     out_dir.mkdir(parents=True, exist_ok=True)
     chash = config_hash(config)
     written = 0
-    shape = None
     mine = [i for i in range(n_shards) if i % world_size == rank]
     for i in tqdm(mine, desc=f"transfer set {out_dir.name}", disable=not progress, unit="shard"):
         path = out_dir / names[i]
@@ -161,7 +172,8 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
             out = mechanism(u[s:s + batch_size].to(device), y[s:s + batch_size].to(device)).float().cpu()
             outs.append(encode(out, out.shape[1] == 1))
         q = torch.cat(outs)
-        shape = list(q.shape[1:])
+        if list(q.shape[1:]) != shape:
+            raise SkdcgnError(f"teacher output shape {list(q.shape[1:])} differs from its probe's {shape}")
         _write_shard(path, shard_format, u.to(U_DTYPES[u_dtype]), y.to(label_dtype(n_classes)), q,
                      f"{chash}:{i}", first=i * shard_size)
         written += 1
@@ -172,7 +184,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
         done = rank == 0 and all((out_dir / name).is_file() and _shard_ok(out_dir / name, chash, i)
                                  for i, name in enumerate(names))
         if done:
-            _finish(out_dir, config, names, n, shard_size)
+            _finish(out_dir, config, names, n, shard_size, shape)
         if collective:
             torch.distributed.barrier()  # the manifest is there for everyone
         return out_dir
@@ -184,10 +196,8 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _finish(out_dir: Path, config: dict, names: list[str], n: int, shard_size: int, shape: list | None = None) -> None:
+def _finish(out_dir: Path, config: dict, names: list[str], n: int, shard_size: int, shape: list) -> None:
     """Write the manifest (last): the shards' sizes and hashes."""
-    if shape is None:
-        shape = list(_read_shard(out_dir / names[0])[2].shape[1:])
     shards = [{"file": name, "size": min(shard_size, n - i * shard_size), "sha256": sha256_file(out_dir / name)}
               for i, name in enumerate(names)]
     write_manifest(out_dir, config, shards=shards, output_shape=shape, is_mask=shape[0] == 1)
