@@ -133,7 +133,7 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     record_results(md, "runs/x", summary(["teacher_cf", "student_cf"]), "full")
     record_results(md, "runs/x", summary(["original"], seeds=3), "full")  # other seeds: other classifiers
     record_results(md, "runs/y", summary(["original"]), "full")  # another run folder
-    record_results(md, "runs/x", summary(ROWS), "full")
+    assert record_results(md, "runs/x", summary(ROWS), "full") == ["run-full-colored-teacher_cf+student_cf-1seed"]
     keys = set(read_json(tmp_path / "results.json")["runs"])
     assert keys == {"run-full-colored-1seed", "run-full-colored-original", "run-full-colored-original-1seed"}
     assert "teacher_cf+student_cf" not in md.read_text()

@@ -248,10 +248,10 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
     return record
 
 
-def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> None:
+def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> list[str]:
     """Merge `record` into the JSON twin of `out` (by its key) and re-render the markdown.
 
-    supersedes(old) -> True drops an older record that `record` makes redundant."""
+    supersedes(old) -> True drops an older record that `record` makes redundant; returns their keys."""
     out = Path(out)
     twin = out.with_suffix(".json")
     runs: dict = {}
@@ -262,12 +262,13 @@ def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[di
             runs = {}  # a broken twin is replaced, not trusted
         if not isinstance(runs, dict):
             runs = {}
-    if supersedes is not None:
-        runs = {k: r for k, r in runs.items() if k == record["key"] or not supersedes(r)}
+    dropped = [k for k, r in runs.items() if supersedes is not None and k != record["key"] and supersedes(r)]
+    runs = {k: r for k, r in runs.items() if k not in dropped}
     runs[record["key"]] = record
     doc = {"skdcgn_version": __version__, "runs": dict(sorted(runs.items()))}
     write_json(twin, doc)
     write_bytes(out, render_markdown(doc).encode())
+    return dropped
 
 
 # ---- markdown -----------------------------------------------------------------------------------

@@ -293,8 +293,9 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: str) -> None:
-    """Add this run's table to `out` (docs/results.md) and its JSON twin, keyed by preset and variants."""
+def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: str) -> list[str]:
+    """Add this run's table to `out` (docs/results.md) and its JSON twin, keyed by preset and variants;
+    return the keys of the records it replaces (its row subsets)."""
     import datetime as _dt
 
     from .bench import command_line, hardware_info, write_results
@@ -302,7 +303,7 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
     record = {"kind": "pipeline", "key": record_key(summary, preset), "command": command_line(), "run_dir": str(run_dir),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "hardware": hardware_info(resolve_device(summary["config"]["device"])), **summary}
-    write_results(out, record, supersedes=lambda old: _row_subset_of(old, record))
+    return write_results(out, record, supersedes=lambda old: _row_subset_of(old, record))
 
 
 def _row_subset_of(old: dict, new: dict) -> bool:

@@ -37,7 +37,8 @@ def run_command(args: argparse.Namespace) -> None:
     if args.record:
         from ..pipeline import record_results
 
-        record_results(args.record, run_dir, summary, args.preset)
+        for key in record_results(args.record, run_dir, summary, args.preset):
+            print(f"{args.record}: replaced {key} (its rows are in this run's table)")
     print(format_table(summary))
     print(f"done in {time.perf_counter() - t0:.0f} s: {run_dir}/results.md, {run_dir}/report.html")
 
