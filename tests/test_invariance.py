@@ -237,6 +237,9 @@ def test_monitoring_a_test_set_logs_each_epoch_and_changes_nothing(tmp_path):
     assert log[-1]["test_accuracy"] == round(evaluate(watched, test_x, test_y), 6)
     header = (tmp_path / "train_log.csv").read_text().splitlines()[0]
     assert header.endswith(",seconds,test_accuracy")
+    with pytest.raises(SkdcgnError, match="labels"):  # refused before training, nothing written
+        train_classifier(images, labels, config, tmp_path / "bad", progress=False, monitor={"test": (test_x, test_y[:5])})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_interrupted_training_resumes_bitwise(tmp_path):

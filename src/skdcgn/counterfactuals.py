@@ -30,8 +30,8 @@ from .compose import COMPOSERS, compose_variant
 from .errors import SkdcgnError
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
-from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file, tensor_file_metadata,
-                 stage_complete, write_json, write_manifest)
+from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file, stage_complete,
+                 tensor_file_metadata, write_json, write_manifest)
 
 PROGRESS = "progress.json"
 PREVIEW = "preview.png"
@@ -143,12 +143,12 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
 
     cgn.eval()
     t0 = time.perf_counter()
-    shards = []
+    shards, chash = [], config_hash(config)
     bar = tqdm(total=n, desc="counterfactuals", unit="img", disable=not progress, dynamic_ncols=True)
     for i in range(n_shards):
         count = min(shard_size, n - i * shard_size)
         path = out_dir / SHARD_PATTERN.format(i)
-        tag = {"config_hash": config_hash(config), "shard": str(i)}
+        tag = {"config_hash": chash, "shard": str(i)}
         if not _shard_ok(path, count, tag):  # shards are atomic: a tagged one is complete
             tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes)
             save_tensors(path, tensors, metadata=tag)

@@ -175,6 +175,8 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
     config = config or ClassifierConfig()
     config.validate()
     _check_data(images, labels)
+    for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
+        _check_data(mx, my, n_classes=10**9)
     device = resolve_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
     stage = {"stage": "classifier", "train": dataclasses.asdict(config), "data": data_hash(images, labels), "n": len(labels)}
