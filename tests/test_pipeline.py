@@ -152,3 +152,27 @@ def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):
         write_json(out / "manifest.json", {"log": log})
     assert _test_by_epoch(outs) == {"seeds": [1, 2], "mean": [55.0, 75.0]}
     assert _test_by_epoch(outs[:1]) is None
+
+
+def test_students_of_an_earlier_run_are_reused_without_its_transfer_sets(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    import shutil
+
+    earlier = tmp_path / "earlier"  # only the students travel (e.g. to a GPU machine)
+    shutil.copytree(run_dir / "colored" / "distill" / "students", earlier / "colored" / "distill" / "students")
+    new = tmp_path / "new"
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(new), "--quiet",
+                 "--students", str(earlier), "--rows", "student_cf", "--composers"]) == 0
+    assert sorted(p.name for p in (new / "colored").iterdir()) == ["classifiers", "datasets", "results.json"]
+    summary = read_json(new / "results.json")
+    full = read_json(run_dir / "results.json")["results"]["colored"]
+    assert summary["results"]["colored"]["table"]["student_cf"] == full["table"]["student_cf"]  # the same students
+    assert summary["results"]["colored"]["stage_seconds"]["students"] == full["stage_seconds"]["students"]
+
+    shutil.rmtree(earlier / "colored" / "distill" / "students" / "foreground")
+    capsys.readouterr()
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(tmp_path / "bad"), "--quiet",
+                 "--students", str(earlier)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "students:" in err[0] and "foreground" in err[0]
+    assert not (tmp_path / "bad").exists()

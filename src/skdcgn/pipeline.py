@@ -37,6 +37,7 @@ class RunConfig:
     teacher: str = "shipped"  # shipped (the released teacher of each variant) | train (train one first)
     teacher_preset: str = "quick"  # with teacher=train: a preset of teacher_training
     distill_preset: str = "quick"  # a preset of distill.trainer
+    students: str = ""  # an earlier run folder whose <variant>/distill/students are reused instead of distilling
     n_counterfactuals: int = 10_000  # images per counterfactual dataset
     per_shape: int = 10  # counterfactuals per mask
     seeds: int = 1  # classifiers per row (mean ± std over seeds)
@@ -96,9 +97,11 @@ PRESETS: dict[str, dict] = {
 def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
     """Run every stage for every variant; write `results.json`, `results.md` and the report."""
     config.validate()
+    run_dir = Path(run_dir)
+    for variant in config.variants:  # missing students fail now, before any work
+        students_dir(config, variant, run_dir / variant)
     if config.threads:
         torch.set_num_threads(config.threads)
-    run_dir = Path(run_dir)
     write_json(run_dir / "run_config.json", dataclasses.asdict(config))
     t0 = time.perf_counter()
     results = {}
@@ -148,12 +151,16 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         teacher = load_cgn(variant)
     timed("teacher", t)
 
-    # transfer sets and students
+    # transfer sets and students (or the students of an earlier run, e.g. to run the classifiers on a GPU
+    # machine without copying the transfer sets there)
     t = time.perf_counter()
-    _say(progress, f"{variant}: distilling shape, foreground and background")
-    dcfg = distill_preset(config.distill_preset, seed=config.seed, device=config.device)
-    distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress)
-    students = load_cgn(f"students:{vdir}")
+    if config.students:
+        _say(progress, f"{variant}: students of {students_dir(config, variant, vdir)}")
+    else:
+        _say(progress, f"{variant}: distilling shape, foreground and background")
+        dcfg = distill_preset(config.distill_preset, seed=config.seed, device=config.device)
+        distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress)
+    students = load_cgn(f"students:{students_dir(config, variant, vdir)}")
     timed("distill", t)
 
     # counterfactual datasets
@@ -202,18 +209,32 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             by_epoch[row] = curve
     timed("classifiers", t)
     summary = {"table": table, "timings_s": timings, **({"test_by_epoch": by_epoch} if by_epoch else {}),
-               "stage_seconds": stage_seconds(vdir, rows, [d for d in datasets if d in needed], config.seeds)}
+               "stage_seconds": stage_seconds(vdir, rows, [d for d in datasets if d in needed], config.seeds,
+                                              students_dir(config, variant, vdir))}
     write_json(vdir / "results.json", summary)
     return summary
 
 
-def stage_seconds(vdir: Path, rows: list[str], datasets: list[str], seeds: int) -> dict[str, float]:
+def students_dir(config: RunConfig, variant: str, vdir: Path) -> Path:
+    """The variant folder whose `distill/students` a run uses: its own (`vdir`), or `config.students`'s."""
+    if not config.students:
+        return vdir
+    folder = Path(config.students) / variant
+    missing = [m for m in ("shape", "foreground", "background")
+               if not (folder / "distill" / "students" / m / "manifest.json").is_file()]
+    if missing:
+        raise SkdcgnError(f"students: {folder}/distill/students has no finished {', '.join(missing)} student "
+                          f"(give the run folder of an earlier `skdcgn run` of {variant})")
+    return folder
+
+
+def stage_seconds(vdir: Path, rows: list[str], datasets: list[str], seeds: int, students: Path) -> dict[str, float]:
     """Compute time of the stages behind a variant's table, read from their manifests: a run resumed
     over several invocations (or reusing stages) still reports what its artifacts cost to make."""
     def seconds(manifest: Path, key: str) -> float:
         return float(read_json(manifest).get(key, 0.0)) if manifest.is_file() else 0.0
 
-    return {"students": round(sum(seconds(vdir / "distill" / "students" / m / "manifest.json", "train_seconds")
+    return {"students": round(sum(seconds(students / "distill" / "students" / m / "manifest.json", "train_seconds")
                                   for m in ("shape", "foreground", "background")), 1),
             "counterfactuals": round(sum(seconds(vdir / "datasets" / d / "manifest.json", "seconds") for d in datasets), 1),
             "classifiers": round(sum(seconds(vdir / "classifiers" / r / f"seed{s}" / "manifest.json", "train_seconds")
@@ -300,9 +321,11 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
 
     from .bench import command_line, hardware_info, write_results
 
-    record = {"kind": "pipeline", "key": record_key(summary, preset), "command": command_line(), "run_dir": str(run_dir),
+    device = resolve_device(summary["config"]["device"])
+    key = record_key(summary, preset) + ("" if device.type == "cpu" else f"-{device.type}")  # GPU runs beside CPU ones
+    record = {"kind": "pipeline", "key": key, "command": command_line(), "run_dir": str(run_dir),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "hardware": hardware_info(resolve_device(summary["config"]["device"])), **summary}
+              "hardware": hardware_info(device), **summary}
     return write_results(out, record, supersedes=lambda old: _row_subset_of(old, record))
 
 
@@ -312,6 +335,9 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     if old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"]):
         return False
     a, b = dict(old["config"]), dict(new["config"])
+    for c in (a, b):  # records made before `students` existed distilled their own
+        if not c.get("students"):
+            c.pop("students", None)
     rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
     return config_hash(a) == config_hash(b) and rows_a <= rows_b  # hashed: JSON lists vs tuples
 
@@ -341,7 +367,8 @@ def render_record(rec: dict) -> list[str]:
              f"- date: {rec['date']}; skdcgn {hw['skdcgn']}; torch {hw['torch']}; hardware: {hw['cpu']}, "
              f"{hw['cpus_usable']} usable cores, {hw['torch_threads']} torch threads"
              + (f"; GPU {hw['gpu']}" if hw.get("gpu") else "; no GPU"),
-             f"- settings: teacher {cfg['teacher']}, students `{cfg['distill_preset']}`, {cfg['n_counterfactuals']:,} "
+             f"- settings: teacher {cfg['teacher']}, students `{cfg['distill_preset']}`"
+             + (f" (reused from `{cfg['students']}`)" if cfg.get("students") else "") + f", {cfg['n_counterfactuals']:,} "
              f"images per counterfactual set ({cfg['per_shape']} per shape), classifier `{cfg['classifier_arch']}`, "
              f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
              + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
