@@ -137,6 +137,10 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     keys = set(read_json(tmp_path / "results.json")["runs"])
     assert keys == {"run-full-colored-1seed", "run-full-colored-original", "run-full-colored-original-1seed"}
     assert "teacher_cf+student_cf" not in md.read_text()
+    # more seeds of the same classifiers (seeds 0..n-1): the records with fewer seeds are parts of it
+    assert sorted(record_results(md, "runs/x", summary(ROWS, seeds=3), "full")) == ["run-full-colored-1seed",
+                                                                                    "run-full-colored-original"]
+    assert set(read_json(tmp_path / "results.json")["runs"]) == {"run-full-colored", "run-full-colored-original-1seed"}
 
 
 def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):

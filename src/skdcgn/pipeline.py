@@ -330,8 +330,9 @@ def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: 
 
 
 def _row_subset_of(old: dict, new: dict) -> bool:
-    """True when `old` recorded some of `new`'s rows from the same run folder and settings: the
-    classifiers are the same ones (resumed, not retrained), so its table is a part of the new one."""
+    """True when `old` recorded some of `new`'s rows and seeds (seeds 0..n-1) from the same run folder
+    and settings: the classifiers are the same ones (resumed, not retrained), so its table is a part
+    of the new one."""
     if old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"]):
         return False
     a, b = dict(old["config"]), dict(new["config"])
@@ -339,7 +340,8 @@ def _row_subset_of(old: dict, new: dict) -> bool:
         if not c.get("students"):
             c.pop("students", None)
     rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
-    return config_hash(a) == config_hash(b) and rows_a <= rows_b  # hashed: JSON lists vs tuples
+    seeds_a, seeds_b = a.pop("seeds"), b.pop("seeds")
+    return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
 
 
 def record_key(summary: dict, preset: str) -> str:
