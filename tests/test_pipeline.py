@@ -180,3 +180,20 @@ def test_students_of_an_earlier_run_are_reused_without_its_transfer_sets(tiny_ru
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "students:" in err[0] and "foreground" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_picked_rows_leave_out_the_presets_study_rows_unless_composers_are_given(tmp_path):
+    from skdcgn.cli import build_parser
+    from skdcgn.commands.run import run_config
+
+    def config(*argv):
+        return run_config(build_parser().parse_args(["run", "--preset", "full", *argv]))
+
+    assert len(config().composers) == 6  # the preset's six study rows by default
+    assert config("--rows", "original").composers == ()
+    assert config("--rows", "original", "--composers", "rotate").composers == ("rotate",)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("rows: [teacher_cf]\n")
+    assert config("--config", str(yaml_file)).composers == ()
+    yaml_file.write_text("rows: [teacher_cf]\ncomposers: [binary]\n")
+    assert config("--config", str(yaml_file)).composers == ("binary",)
