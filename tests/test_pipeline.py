@@ -197,3 +197,25 @@ def test_picked_rows_leave_out_the_presets_study_rows_unless_composers_are_given
     assert config("--config", str(yaml_file)).composers == ()
     yaml_file.write_text("rows: [teacher_cf]\ncomposers: [binary]\n")
     assert config("--config", str(yaml_file)).composers == ("binary",)
+
+
+def test_summaries_combine_the_records_of_one_protocol_cell_by_cell():
+    import dataclasses
+
+    from skdcgn.pipeline import RunConfig, render_summaries
+
+    def record(key, variant, rows, seeds, date, mean, **cfg):
+        config = {**dataclasses.asdict(RunConfig(distill_preset="default", **cfg)), "rows": list(rows), "seeds": seeds}
+        acc = {s: {"mean": mean, "std": 0.5, "n": seeds} for s in ("train", "test", "test_iid")}
+        return key, {"kind": "pipeline", "key": key, "date": date, "config": config, "hardware": {"device": "cpu"},
+                     "results": {variant: {"table": {r: acc for r in rows}}}}
+
+    runs = dict([record("run-full-colored-1seed", "colored", ROWS, 1, "2026-01-01", 11.0),
+                 record("run-full-colored-teacher_cf", "colored", ["teacher_cf"], 3, "2026-01-02", 33.0),
+                 record("run-full-wildlife-1seed", "wildlife", ["original"], 1, "2026-01-01", 22.0),
+                 record("run-full-wildlife-x", "wildlife", ["original"], 1, "2026-01-03", 44.0),  # equal seeds: the later
+                 record("run-full-colored-other", "colored", ["original"], 3, "2026-01-04", 55.0, n_counterfactuals=10)])
+    md = "\n".join(render_summaries(runs))
+    assert md.count("## Summary") == 1  # the 10-image record is another protocol, alone: no summary
+    assert "| teacher_cf | 33.0 ± 0.5 (3) | – |" in md and "| original | 11.0 (1) | 44.0 (1) |" in md
+    assert "| student_cf | 11.0 (1) | – |" in md and "55.0" not in md

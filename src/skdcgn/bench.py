@@ -289,8 +289,12 @@ def _ratio(x: float) -> str:
 
 def render_markdown(doc: dict) -> str:
     lines = ["# skdcgn results", "",
-             "Written by `skdcgn bench`; do not edit by hand. Every number in the README comes from here.",
+             "Written by `skdcgn bench` and `skdcgn run --record`; do not edit by hand. Every number in the README "
+             "comes from here; its accuracy tables are copied from the summaries.",
              "The JSON twin (`results.json`) holds the same numbers, unrounded.", ""]
+    from .pipeline import render_summaries
+
+    lines += render_summaries(doc["runs"])
     for key, rec in doc["runs"].items():
         lines += render_run(rec)
     return "\n".join(lines).rstrip() + "\n"

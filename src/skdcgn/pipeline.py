@@ -360,6 +360,56 @@ def record_key(summary: dict, preset: str) -> str:
     return key + ("-trained-teacher" if cfg["teacher"] == "train" else "")
 
 
+# what does not change a classifier's accuracy (beyond run-to-run noise) or is what a summary combines
+_SUMMARY_FREE = ("variants", "rows", "composers", "seeds", "threads", "device", "students")
+
+
+def render_summaries(runs: dict) -> list[str]:
+    """One table per protocol (preset, settings, device type) recorded more than once: for each
+    variant and row, the record with the most seeds (the latest among equals). The README's tables
+    are copied from these."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in runs.values():
+        if rec.get("kind") == "pipeline":
+            cfg = {k: v for k, v in rec["config"].items() if k not in _SUMMARY_FREE}
+            preset = rec["key"].split("-")[1]
+            groups.setdefault((preset, rec["hardware"]["device"], config_hash(cfg)), []).append(rec)
+    lines = []
+    for (preset, device, _), recs in sorted(groups.items(), key=lambda g: g[0][:2]):
+        if len(recs) < 2:
+            continue
+        best: dict[tuple[str, str], tuple[dict, str]] = {}
+        for rec in sorted(recs, key=lambda r: r["date"]):
+            for v, res in rec["results"].items():
+                for row, acc in res["table"].items():
+                    if (v, row) not in best or acc["test"]["n"] >= best[(v, row)][0]["test"]["n"]:
+                        best[(v, row)] = (acc, rec["key"])
+        variants = [v for v in VARIANTS if any(key[0] == v for key in best)]
+        rows = table_rows({v: {"table": {row: None for (w, row) in best if w == v}} for v in variants})
+        lines += [f"## Summary: `{preset}` preset on {device}", "",
+                  f"- settings: {_settings_text(recs[0]['config'], 'earlier runs' if recs[0]['config'].get('students') else None)}",
+                  "- each cell: the record with the most seeds for it (n = seeds); from "
+                  + ", ".join(f"`{k}`" for k in sorted({key for _, key in best.values()})), "",
+                  "OOD test accuracy (%), mean ± std (n):", "",
+                  "| trained on | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+        for row in rows:
+            cells = [f"{_fmt(best[(v, row)][0]['test'])} ({best[(v, row)][0]['test']['n']})" if (v, row) in best else "–"
+                     for v in variants]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _settings_text(cfg: dict, students_from: str | None = None) -> str:
+    students_from = students_from or (f"`{cfg['students']}`" if cfg.get("students") else None)
+    return (f"teacher {cfg['teacher']}, students `{cfg['distill_preset']}`"
+            + (f" (reused from {students_from})" if students_from else "") + f", {cfg['n_counterfactuals']:,} "
+            f"images per counterfactual set ({cfg['per_shape']} per shape), classifier `{cfg['classifier_arch']}`, "
+            f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
+            + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
+            + f", accuracy on {cfg['eval_examples']:,} images per split")
+
+
 def render_record(rec: dict) -> list[str]:
     """The markdown of a recorded run (see `record_results`)."""
     hw = rec["hardware"]
@@ -369,12 +419,7 @@ def render_record(rec: dict) -> list[str]:
              f"- date: {rec['date']}; skdcgn {hw['skdcgn']}; torch {hw['torch']}; hardware: {hw['cpu']}, "
              f"{hw['cpus_usable']} usable cores, {hw['torch_threads']} torch threads"
              + (f"; GPU {hw['gpu']}" if hw.get("gpu") else "; no GPU"),
-             f"- settings: teacher {cfg['teacher']}, students `{cfg['distill_preset']}`"
-             + (f" (reused from `{cfg['students']}`)" if cfg.get("students") else "") + f", {cfg['n_counterfactuals']:,} "
-             f"images per counterfactual set ({cfg['per_shape']} per shape), classifier `{cfg['classifier_arch']}`, "
-             f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
-             + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
-             + f", {cfg['seeds']} seed(s); accuracy on {cfg['eval_examples']:,} images per split",
+             f"- settings: {_settings_text(cfg)}; {cfg['seeds']} seed(s)",
              f"- wall time of the recording invocation: {rec['seconds']:.0f} s" + _stage_time_text(rec), "",
              "Accuracy (%), train / test (out of distribution) / test_iid:", "", format_table(rec), ""]
     curves = {(v, row): r["test_by_epoch"][row] for v, r in rec["results"].items()
