@@ -69,7 +69,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
             continue
         t = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": None, "help": f"default: {default}"}
+        kw: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": None, "help": f"default: {default if default != '' else 'none'}"}
         if t is not bool:
             kw["metavar"] = f.name.upper()
         if t is bool:
