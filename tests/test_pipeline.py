@@ -141,6 +141,11 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     assert sorted(record_results(md, "runs/x", summary(ROWS, seeds=3), "full")) == ["run-full-colored-1seed",
                                                                                     "run-full-colored-original"]
     assert set(read_json(tmp_path / "results.json")["runs"]) == {"run-full-colored", "run-full-colored-original-1seed"}
+    # a record made before a config field existed ran with its default: still a part of the new one
+    older = summary(["teacher_cf"], seeds=3)
+    del older["config"]["students"]
+    record_results(md, "runs/z", older, "full")
+    assert record_results(md, "runs/z", summary(ROWS, seeds=3), "full") == ["run-full-colored-teacher_cf"]
 
 
 def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):

@@ -154,13 +154,14 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
     # transfer sets and students (or the students of an earlier run, e.g. to run the classifiers on a GPU
     # machine without copying the transfer sets there)
     t = time.perf_counter()
+    sdir = students_dir(config, variant, vdir)
     if config.students:
-        _say(progress, f"{variant}: students of {students_dir(config, variant, vdir)}")
+        _say(progress, f"{variant}: students of {sdir}")
     else:
         _say(progress, f"{variant}: distilling shape, foreground and background")
         dcfg = distill_preset(config.distill_preset, seed=config.seed, device=config.device)
         distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress)
-    students = load_cgn(f"students:{students_dir(config, variant, vdir)}")
+    students = load_cgn(f"students:{sdir}")
     timed("distill", t)
 
     # counterfactual datasets
@@ -209,8 +210,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             by_epoch[row] = curve
     timed("classifiers", t)
     summary = {"table": table, "timings_s": timings, **({"test_by_epoch": by_epoch} if by_epoch else {}),
-               "stage_seconds": stage_seconds(vdir, rows, [d for d in datasets if d in needed], config.seeds,
-                                              students_dir(config, variant, vdir))}
+               "stage_seconds": stage_seconds(vdir, rows, [d for d in datasets if d in needed], config.seeds, sdir)}
     write_json(vdir / "results.json", summary)
     return summary
 
@@ -335,10 +335,8 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     of the new one."""
     if old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"]):
         return False
-    a, b = dict(old["config"]), dict(new["config"])
-    for c in (a, b):  # records made before `students` existed distilled their own
-        if not c.get("students"):
-            c.pop("students", None)
+    defaults = dataclasses.asdict(RunConfig())  # fields added since `old` was recorded: it ran with their defaults
+    a, b = {**defaults, **old["config"]}, {**defaults, **new["config"]}
     rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
     seeds_a, seeds_b = a.pop("seeds"), b.pop("seeds")
     return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
