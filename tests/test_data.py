@@ -273,3 +273,32 @@ def test_cli_bad_variant_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "colored, double_colored, wildlife" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_palette_replaces_the_class_colours_and_nothing_else():
+    # The nominal palette gives the same images; another palette, the same draws in its colours.
+    x, y = load_variant_uint8("double_colored", "test")
+    same = build_variant("double_colored", "test", palette=(var_mod.DOUBLE_FG_RGB, var_mod.DOUBLE_BG_RGB))
+    assert torch.equal(same[0], x) and torch.equal(same[1], y)
+    fg_rgb, bg_rgb = var_mod.DOUBLE_FG_RGB[::-1].copy(), var_mod.DOUBLE_BG_RGB[::-1].copy()
+    xr, yr = build_variant("double_colored", "test", palette=(fg_rgb, bg_rgb))
+    assert torch.equal(yr, y)
+    bg, fg, visible = _two_colours(x)
+    bgr, fgr, _ = _two_colours(xr)
+    assert torch.equal(nearest(bgr, bg_rgb), nearest(bg, var_mod.DOUBLE_BG_RGB))
+    assert torch.equal(nearest(fgr[visible], fg_rgb), nearest(fg[visible], var_mod.DOUBLE_FG_RGB))
+    # colored takes the foreground colours only; its black background stays.
+    xc, _ = build_variant("colored", "test_iid", palette=(var_mod.COLORED_RGB[::-1].copy(), np.zeros((10, 3))))
+    assert (xc[:, :, 0, 0] == 0).all()
+    assert (nearest(_colored_estimate(xc), var_mod.COLORED_RGB[::-1].copy()) == y).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name, palette, match", [
+    ("wildlife", (np.zeros((10, 3)), np.zeros((10, 3))), "textures, not colours"),
+    ("double_colored", (np.zeros((9, 3)), np.zeros((10, 3))), "foreground palette: expected 10 RGB"),
+    ("double_colored", (np.zeros((10, 3)), np.full((10, 3), 1.5)), "background palette: expected 10 RGB"),
+    ("colored", (np.full((10, 3), np.nan), np.zeros((10, 3))), "foreground palette"),
+])
+def test_bad_palette_is_one_error(name, palette, match):
+    with pytest.raises(SkdcgnError, match=match):
+        build_variant(name, "test", palette=palette)

@@ -289,3 +289,19 @@ def test_bad_classifier_inputs_are_one_line_errors():
         train_classifier(torch.zeros(4, 3, 32, 32), torch.tensor([0, 1, 2, 10]), ClassifierConfig(), progress=False)
     with pytest.raises(SkdcgnError, match="classifier input"):
         Classifier(ClassifierNetConfig())(torch.zeros(2, 1, 28, 28))
+
+
+# ---- a CGN's palette ------------------------------------------------------------------------------
+
+def test_cgn_palette_reads_each_class_colour():
+    from skdcgn.metrics.palette import cgn_palette, palette_test_set
+
+    fg, bg = cgn_palette(fake_cgn(), n_per_class=3)
+    k = torch.arange(10).float() / 9  # the fake's channel 0 is the class level, mapped to [0, 1]
+    assert torch.allclose(torch.from_numpy(fg), torch.stack([k, torch.ones(10), torch.full((10,), 0.5)], 1), atol=1e-6)
+    assert torch.allclose(torch.from_numpy(bg), torch.stack([k, torch.zeros(10), torch.full((10,), 0.5)], 1), atol=1e-6)
+    x, y = palette_test_set("double_colored", fake_cgn(), split="test_iid")
+    corner = x[:, :, 0, 0].double() / 255  # background, tied to the label in test_iid
+    assert (corner - torch.stack([k, torch.zeros(10), torch.full((10,), 0.5)], 1).double()[y]).abs().max() < 0.07
+    with pytest.raises(SkdcgnError, match="textures, not colours"):
+        palette_test_set("wildlife", fake_cgn())

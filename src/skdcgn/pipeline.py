@@ -205,7 +205,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
         accs = [_classifier_accuracy(out, row, s, config, get_data, tests, progress) for s, out in enumerate(outs)]
-        table[row] = _mean_std(accs)
+        table[row] = mean_std(accs)
         if (curve := _test_by_epoch(outs)) is not None:
             by_epoch[row] = curve
     timed("classifiers", t)
@@ -279,7 +279,8 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
     return acc
 
 
-def _mean_std(accs: list[dict]) -> dict:
+def mean_std(accs: list[dict]) -> dict:
+    """Per key of the accuracy dicts (fractions): mean and sample std in %, and n."""
     out = {}
     for split in accs[0]:
         vals = [100.0 * a[split] for a in accs]
@@ -309,7 +310,7 @@ def format_table(summary: dict) -> str:
             if acc is None:
                 cells.append("–")
                 continue
-            cells.append(" / ".join(_fmt(acc[s]) for s in ("train", "test", "test_iid")))
+            cells.append(" / ".join(format_mean_std(acc[s]) for s in ("train", "test", "test_iid")))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -391,7 +392,7 @@ def render_summaries(runs: dict) -> list[str]:
                   "OOD test accuracy (%), mean ± std (n):", "",
                   "| trained on | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
         for row in rows:
-            cells = [f"{_fmt(best[(v, row)][0]['test'])} ({best[(v, row)][0]['test']['n']})" if (v, row) in best else "–"
+            cells = [f"{format_mean_std(best[(v, row)][0]['test'])} ({best[(v, row)][0]['test']['n']})" if (v, row) in best else "–"
                      for v in variants]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -443,6 +444,7 @@ def _stage_time_text(rec: dict) -> str:
     return "; stage compute times from the artifacts (over all invocations): " + "; ".join(parts) if parts else ""
 
 
-def _fmt(a: dict) -> str:
+def format_mean_std(a: dict) -> str:
+    """'93.1 ± 0.7', or '93.1' for a single value."""
     return f"{a['mean']:.1f}" + (f" ± {a['std']:.1f}" if a["n"] > 1 else "")
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .io import read_json, write_bytes
-from .pipeline import format_table, table_rows
+from .pipeline import format_mean_std, format_table, table_rows
 
 MECHANISMS = ("shape", "foreground", "background")
 
@@ -176,7 +176,7 @@ def _table_html(summary: dict) -> str:
         for v in variants:
             acc = results[v]["table"].get(row)
             cells.append("–" if acc is None else " / ".join(
-                f"{acc[s]['mean']:.1f}" + (f" ± {acc[s]['std']:.1f}" if acc[s]["n"] > 1 else "") for s in ("train", "test", "test_iid")))
+                format_mean_std(acc[s]) for s in ("train", "test", "test_iid")))
         body.append(f"<tr><td>{html.escape(row)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "<table>" + head + "".join(body) + "</table>"
 

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--variant", help="colored, double_colored or wildlife")
     src.add_argument("--data", help="a counterfactual dataset folder")
     e.add_argument("--split", default="test", help="test (out of distribution, default), test_iid or train")
+    e.add_argument("--palette-of", default=None, metavar="CGN",
+                   help="with --variant colored|double_colored: rebuild the split in the class colours this CGN "
+                        "draws (a skdcgn.load_cgn spec, e.g. the teacher's name), same digits and draws")
     e.add_argument("--batch-size", type=int, default=1000)
     e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     e.set_defaults(func=_eval)
@@ -57,10 +60,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     if not 1 <= args.batch_size <= 1_000_000:
         raise SkdcgnError(f"--batch-size must be between 1 and 1000000, got {args.batch_size}")
+    if args.palette_of is not None and not args.variant:
+        raise SkdcgnError("--palette-of needs --variant (colored or double_colored)")
     model = load_classifier(args.classifier).to(resolve_device(args.device))
-    spec = f"variant:{args.variant}:{args.split}" if args.variant else args.data
-    images, labels = load_source(spec)
-    acc = evaluate(model, images, labels, batch_size=args.batch_size)
     where = f"{args.variant} {args.split}" if args.variant else args.data
+    if args.palette_of is not None:
+        from ..api import load_cgn
+        from ..metrics.palette import palette_test_set
+
+        images, labels = palette_test_set(args.variant, load_cgn(args.palette_of), args.split)
+        where += f" in the colours of {args.palette_of}"
+    else:
+        images, labels = load_source(f"variant:{args.variant}:{args.split}" if args.variant else args.data)
+    acc = evaluate(model, images, labels, batch_size=args.batch_size)
     print(f"accuracy {acc:.4f} on {where} ({len(labels)} images)")
     return 0

@@ -162,10 +162,38 @@ def _classes(labels: np.ndarray, tied: bool, rng: np.random.Generator) -> np.nda
     return labels.copy() if tied else rng.integers(0, 10, size=labels.shape[0])
 
 
-def build_variant(name: str, split: str, seed: int = 0, mnist_dir: str | os.PathLike | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Build a variant without the cache: (uint8 images [N, 3, 32, 32], int64 labels [N])."""
+def check_colour_variant(name: str) -> None:
+    """A palette (class colours) exists for colored and double_colored, not for wildlife's textures."""
+    _check(name, "test", 0)
+    if name == "wildlife":
+        raise SkdcgnError("wildlife has textures, not colours: a palette applies to colored and double_colored")
+
+
+def check_palette(name: str, palette: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(foreground, background) class colours as float32 [10, 3] in [0, 1], or a one-line error."""
+    check_colour_variant(name)
+    out = []
+    for what, rgb in zip(("foreground", "background"), palette):
+        rgb = np.asarray(rgb, dtype=np.float32)
+        if rgb.shape != (10, 3) or not np.isfinite(rgb).all() or rgb.min() < 0 or rgb.max() > 1:
+            raise SkdcgnError(f"{what} palette: expected 10 RGB colours in [0, 1], got shape {rgb.shape}")
+        out.append(rgb)
+    return out[0], out[1]
+
+
+def build_variant(name: str, split: str, seed: int = 0, mnist_dir: str | os.PathLike | None = None,
+                  palette: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build a variant without the cache: (uint8 images [N, 3, 32, 32], int64 labels [N]).
+
+    `palette` = (foreground, background) RGB [10, 3] in [0, 1] replaces the class colours of
+    colored (which uses the foreground only) or double_colored; everything else, the random
+    draws included, stays as without it (e.g. to test a classifier in a teacher's colours).
+    """
     _check(name, split, seed)
+    if palette is None:
+        fg_rgb, bg_rgb = (COLORED_RGB, None) if name == "colored" else (DOUBLE_FG_RGB, DOUBLE_BG_RGB)
+    else:
+        fg_rgb, bg_rgb = check_palette(name, palette)
     images, labels = load_mnist("train", mnist_dir)
     lo, hi = _mnist_range(split)
     images, labels = images[lo:hi], labels[lo:hi]
@@ -176,13 +204,13 @@ def build_variant(name: str, split: str, seed: int = 0, mnist_dir: str | os.Path
     # All random draws happen up front, in a fixed order, so the result does not depend on _CHUNK.
     if name == "colored":
         cls = _classes(labels, tied, rng)
-        colors = np.clip(COLORED_RGB[cls] + rng.normal(0.0, COLORED_JITTER_STD, (n, 3)), 0, 1)
+        colors = np.clip(fg_rgb[cls] + rng.normal(0.0, COLORED_JITTER_STD, (n, 3)), 0, 1)
     else:
         bg_cls = _classes(labels, tied, rng)
         fg_cls = _classes(labels, tied, rng)
         if name == "double_colored":
-            bg = np.clip(DOUBLE_BG_RGB[bg_cls] + rng.normal(0.0, DOUBLE_JITTER_STD, (n, 3)), 0, 1)
-            fg = np.clip(DOUBLE_FG_RGB[fg_cls] + rng.normal(0.0, DOUBLE_JITTER_STD, (n, 3)), 0, 1)
+            bg = np.clip(bg_rgb[bg_cls] + rng.normal(0.0, DOUBLE_JITTER_STD, (n, 3)), 0, 1)
+            fg = np.clip(fg_rgb[fg_cls] + rng.normal(0.0, DOUBLE_JITTER_STD, (n, 3)), 0, 1)
         else:
             span = TEXTURE_SIZE + 2 * TEXTURE_PAD - SIZE + 1
             bg_off = rng.integers(0, span, size=(n, 2))

@@ -1,0 +1,98 @@
+"""How much of the gap to the published accuracy is the teacher's palette? (writes docs/palette_shift.md)
+
+Every classifier of a `skdcgn run` (each row, each seed) is evaluated twice on the same OOD test
+digits and random class draws: in our data's class colours, and in the colours the released
+teacher draws (`skdcgn.metrics.palette`). Evaluation only: nothing is trained.
+
+    python benchmarks/palette_shift.py [--runs 'runs/full-{variant}'] [--variants colored double_colored]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skdcgn import load_cgn, load_classifier
+from skdcgn.bench import hardware_info
+from skdcgn.data import load_variant_uint8
+from skdcgn.data import variants as V
+from skdcgn.invariance import evaluate
+from skdcgn.io import write_bytes
+from skdcgn.metrics.palette import cgn_palette, palette_test_set
+from skdcgn.pipeline import format_mean_std, mean_std, table_rows
+
+OURS = {"colored": (V.COLORED_RGB, None), "double_colored": (V.DOUBLE_FG_RGB, V.DOUBLE_BG_RGB)}
+
+
+def classifiers(vdir: Path) -> dict[str, list[Path]]:
+    """{row: [seed folders]} of the finished classifiers under a run's variant folder."""
+    out: dict[str, list[Path]] = {}
+    for d in sorted((vdir / "classifiers").glob("*/seed*")):
+        if (d / "model.safetensors").is_file():
+            out.setdefault(d.parent.name, []).append(d)
+    return out
+
+
+def _rgb(c) -> str:
+    return "(" + ", ".join(f"{x:.2f}" for x in c) + ")"
+
+
+def variant_section(variant: str, vdir: Path) -> list[str]:
+    teacher = load_cgn(variant)
+    fg, bg = cgn_palette(teacher)
+    ours_fg, ours_bg = OURS[variant]
+    sets = {"ours": load_variant_uint8(variant, "test"), "teacher": palette_test_set(variant, teacher)}
+    L = [f"## {variant}", "", f"Run folder `{vdir}`. The teacher's class colours (mean over 200 samples per class, "
+         "foreground under the mask, background outside it) against ours:", ""]
+    if ours_bg is None:
+        L += ["| class | ours (digit) | teacher (digit) | largest channel difference |", "|---|---|---|---|"]
+        L += [f"| {k} | {_rgb(ours_fg[k])} | {_rgb(fg[k])} | {abs(fg[k] - ours_fg[k]).max():.2f} |" for k in range(10)]
+    else:
+        L += ["| class | ours (digit / background) | teacher (digit / background) | largest channel difference |",
+              "|---|---|---|---|"]
+        L += [f"| {k} | {_rgb(ours_fg[k])} / {_rgb(ours_bg[k])} | {_rgb(fg[k])} / {_rgb(bg[k])} | "
+              f"{max(abs(fg[k] - ours_fg[k]).max(), abs(bg[k] - ours_bg[k]).max()):.2f} |" for k in range(10)]
+    found = classifiers(vdir)
+    L += ["", "OOD test accuracy (%), mean ± std over seeds (n), the same 10,000 digits and class draws:", "",
+          "| trained on | our colours | the teacher's colours | difference |", "|---|---|---|---|"]
+    for row in table_rows({variant: {"table": found}}):
+        accs = []
+        for d in found[row]:
+            clf = load_classifier(d).eval()
+            accs.append({k: evaluate(clf, x, y) for k, (x, y) in sets.items()})
+        a = mean_std(accs)
+        diff = mean_std([{"d": r["teacher"] - r["ours"]} for r in accs])["d"]
+        L.append(f"| {row} | {format_mean_std(a['ours'])} ({len(accs)}) | {format_mean_std(a['teacher'])} ({len(accs)}) | "
+                 f"{round(diff['mean'], 1) + 0.0:+.1f} |")
+    return L + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
+    p.add_argument("--variants", nargs="+", default=list(OURS), choices=list(OURS))
+    p.add_argument("--out", default="docs/palette_shift.md")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    hw = hardware_info(torch.device("cpu"))
+    body = []
+    for v in args.variants:
+        vdir = Path(args.runs.format(variant=v)) / v
+        if not classifiers(vdir):
+            sys.exit(f"palette_shift: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
+        body += variant_section(v, vdir)
+    head = ["# The teacher's palette and the OOD accuracy", "",
+            "Written by `benchmarks/palette_shift.py`; do not edit by hand. " + __doc__.split("\n\n")[1].replace("\n", " "),
+            "", f"- command: `python benchmarks/palette_shift.py {' '.join(sys.argv[1:])}`".rstrip(),
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
+            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s", ""]
+    write_bytes(args.out, "\n".join(head + body).encode())
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
