@@ -146,6 +146,13 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     del older["config"]["students"]
     record_results(md, "runs/z", older, "full")
     assert record_results(md, "runs/z", summary(ROWS, seeds=3), "full") == ["run-full-colored-teacher_cf"]
+    # resumed with another thread count: the same classifiers; other settings: other classifiers
+    one_thread = summary(ROWS, seeds=5)
+    one_thread["config"]["threads"] = 1
+    assert record_results(md, "runs/z", one_thread, "full") == ["run-full-colored"]
+    other = summary(ROWS, seeds=6)
+    other["config"]["classifier_epochs"] = 3
+    assert record_results(md, "runs/z", other, "full") == []
 
 
 def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):

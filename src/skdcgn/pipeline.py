@@ -338,6 +338,7 @@ def _row_subset_of(old: dict, new: dict) -> bool:
         return False
     defaults = dataclasses.asdict(RunConfig())  # fields added since `old` was recorded: it ran with their defaults
     a, b = {**defaults, **old["config"]}, {**defaults, **new["config"]}
+    a.pop("threads"), b.pop("threads")  # the same classifier folders are resumed with any thread count
     rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
     seeds_a, seeds_b = a.pop("seeds"), b.pop("seeds")
     return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
