@@ -189,6 +189,19 @@ def test_double_colored_train_colours_follow_the_label():
                        torch.from_numpy(var_mod.DOUBLE_BG_RGB)[(torch.arange(10) - 6) % 10])
 
 
+def test_digits_are_resized_as_the_authors_loaders_do():
+    # double_colored (and wildlife): F.interpolate's default, nearest; colored: PIL's NEAREST.
+    images = load_mnist("train")[0][:300]
+    x, _ = load_variant_uint8("double_colored", "train")
+    bg, fg, _ = _two_colours(x[:300])
+    is_digit = (x[:300] == (fg * 255).round().to(torch.uint8)[:, :, None, None]).all(1)
+    digits = torch.from_numpy(images.astype(np.float32) / 255)[:, None]
+    assert torch.equal(is_digit, (F.interpolate(digits, size=32) > 0.1)[:, 0])
+    xc, _ = load_variant_uint8("colored", "train")
+    pil = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.NEAREST)) for im in images])
+    assert torch.equal(xc[:300].amax(1) > 0, torch.from_numpy(pil) > 0)
+
+
 def test_double_colored_test_colours_are_random():
     x, y = load_variant_uint8("double_colored", "test")
     bg, fg, visible = _two_colours(x)
@@ -245,7 +258,7 @@ def test_wildlife_textures_follow_the_label_in_train_only():
         hit = _patch_found(bg_tex, x[:, :, :4, :4], y)
         # Digit: a 4x4 patch inside the stroke is an exact crop of the label's object texture.
         digits = torch.from_numpy(load_mnist("train")[0][lo:lo + n].astype(np.float32) / 255)
-        mask = F.interpolate(digits[:, None], size=32, mode="bilinear", align_corners=False) > 0.1
+        mask = F.interpolate(digits[:, None], size=32, mode="nearest") > 0.1
         inside = (F.conv2d(mask.float(), torch.ones(1, 1, 4, 4)) == 16).flatten(1)  # 29 x 29 positions
         keep = inside.any(1)
         pos = inside.to(torch.uint8).argmax(1)

@@ -161,13 +161,16 @@ def test_epoch_curves_average_only_the_monitored_seeds(tmp_path):
 
     logs = [[{"epoch": 1}, {"epoch": 2}],  # trained before monitoring existed
             [{"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.7}],
-            [{"epoch": 1, "test_accuracy": 0.6}, {"epoch": 2, "test_accuracy": 0.8}]]
-    outs = [tmp_path / f"seed{s}" for s in range(3)]
-    for out, log in zip(outs, logs):
+            [{"epoch": 1, "test_accuracy": 0.6}, {"epoch": 2, "test_accuracy": 0.8}],
+            [{"epoch": 1, "test_accuracy": 0.9}, {"epoch": 2, "test_accuracy": 0.9}]]  # other test images
+    monitors = [{}, {"test": "abc"}, {"test": "abc"}, {"test": "old"}]
+    outs = [tmp_path / f"seed{s}" for s in range(4)]
+    for out, log, monitor in zip(outs, logs, monitors):
         out.mkdir()
-        write_json(out / "manifest.json", {"log": log})
-    assert _test_by_epoch(outs) == {"seeds": [1, 2], "mean": [55.0, 75.0]}
-    assert _test_by_epoch(outs[:1]) is None
+        write_json(out / "manifest.json", {"log": log, "monitor": monitor})
+    assert _test_by_epoch(outs, "abc") == {"seeds": [1, 2], "mean": [55.0, 75.0]}
+    assert _test_by_epoch(outs[:1], "abc") is None
+    assert _test_by_epoch(outs, "old") == {"seeds": [3], "mean": [90.0, 90.0]}
 
 
 def test_students_of_an_earlier_run_are_reused_without_its_transfer_sets(tiny_run, tmp_path, capsys):

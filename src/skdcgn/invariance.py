@@ -265,7 +265,8 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
     if out is not None:
         model.save_pretrained(out)
         write_manifest(out, stage, log=log, n_params=model.get_num_params(),
-                       train_seconds=round(sum(r["seconds"] for r in log), 2))
+                       train_seconds=round(sum(r["seconds"] for r in log), 2),
+                       monitor={name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()})
     return model
 
 

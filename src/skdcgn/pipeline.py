@@ -25,9 +25,9 @@ import torch
 from .compose import COMPOSERS
 from .config import resolve_device
 from .errors import SkdcgnError
+from .data.variants import BUILD_VERSION, VARIANTS
 from .io import config_hash, read_json, stage_complete, write_json, write_manifest
 
-VARIANTS = ("colored", "double_colored", "wildlife")
 ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
 
 
@@ -107,7 +107,8 @@ def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
     results = {}
     for variant in config.variants:
         results[variant] = run_variant(run_dir / variant, variant, config, progress)
-    summary = {"config": dataclasses.asdict(config), "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"config": dataclasses.asdict(config), "data_build": BUILD_VERSION, "results": results,
+               "seconds": round(time.perf_counter() - t0, 1)}
     write_json(run_dir / "results.json", summary)
     from .report import write_run_report
 
@@ -124,7 +125,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
     from . import load_cgn
     from .counterfactuals import generate_counterfactuals, load_image_dataset
     from .distill.trainer import distill, preset as distill_preset
-    from .invariance import load_variant_split
+    from .invariance import data_hash, load_variant_split
 
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
@@ -137,6 +138,9 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
     _say(progress, f"{variant}: data")
     train = load_variant_split(variant, "train")
     tests = {s: load_variant_split(variant, s) for s in ("test", "test_iid")}
+    # what the classifiers are scored on: a stored score counts only for these very images
+    k = config.eval_examples
+    test_ids = {s: data_hash(x[:k], y[:k]) for s, (x, y) in tests.items()}
     timed("data", t)
 
     # teacher
@@ -204,9 +208,9 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             return loaded["data"]
 
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
-        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, progress) for s, out in enumerate(outs)]
+        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress) for s, out in enumerate(outs)]
         table[row] = mean_std(accs)
-        if (curve := _test_by_epoch(outs)) is not None:
+        if (curve := _test_by_epoch(outs, test_ids["test"])) is not None:
             by_epoch[row] = curve
     timed("classifiers", t)
     summary = {"table": table, "timings_s": timings, **({"test_by_epoch": by_epoch} if by_epoch else {}),
@@ -241,13 +245,15 @@ def stage_seconds(vdir: Path, rows: list[str], datasets: list[str], seeds: int, 
                                      for r in rows for s in range(seeds)), 1)}
 
 
-def _test_by_epoch(outs: list[Path]) -> dict | None:
+def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
     """OOD test accuracy (%) after each epoch from the classifiers' logs, mean over the seeds whose
-    every epoch was monitored (classifiers trained before monitoring existed have none); None if none."""
+    every epoch was monitored on the test images `test_id` (classifiers trained before monitoring
+    existed, or on the test images of another data build, have none); None if none."""
     curves, seeds = [], []
     for s, out in enumerate(outs):
-        log = read_json(out / "manifest.json").get("log", []) if (out / "manifest.json").is_file() else []
-        if log and all("test_accuracy" in r for r in log):
+        manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else {}
+        log = manifest.get("log", [])
+        if log and all("test_accuracy" in r for r in log) and manifest.get("monitor", {}).get("test") == test_id:
             curves.append([100.0 * r["test_accuracy"] for r in log])
             seeds.append(s)
     if not curves or len({len(c) for c in curves}) != 1:
@@ -255,13 +261,14 @@ def _test_by_epoch(outs: list[Path]) -> dict | None:
     return {"seeds": seeds, "mean": [round(statistics.fmean(v), 2) for v in zip(*curves)]}
 
 
-def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, progress: bool) -> dict:
+def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
+                         progress: bool) -> dict:
     """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
     from .invariance import ClassifierConfig, evaluate, train_classifier
 
     ccfg = ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
                             max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
-    eval_cfg = {"classifier": dataclasses.asdict(ccfg), "eval_examples": config.eval_examples}
+    eval_cfg = {"classifier": dataclasses.asdict(ccfg), "eval_examples": config.eval_examples, "tests": test_ids}
     eval_cfg["classifier"].pop("device")
     eval_dir = out / "eval"
     if stage_complete(eval_dir, eval_cfg):
@@ -334,7 +341,8 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     """True when `old` recorded some of `new`'s rows and seeds (seeds 0..n-1) from the same run folder
     and settings: the classifiers are the same ones (resumed, not retrained), so its table is a part
     of the new one."""
-    if old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"]):
+    if (old.get("kind") != "pipeline" or old.get("run_dir") != new["run_dir"] or set(old["results"]) != set(new["results"])
+            or data_build(old) != data_build(new)):
         return False
     defaults = dataclasses.asdict(RunConfig())  # fields added since `old` was recorded: it ran with their defaults
     a, b = {**defaults, **old["config"]}, {**defaults, **new["config"]}
@@ -342,6 +350,16 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
     seeds_a, seeds_b = a.pop("seeds"), b.pop("seeds")
     return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
+
+
+def data_build(rec: dict) -> int:
+    """The variants' data build a record was measured on (records from before builds were kept: 1)."""
+    return int(rec.get("data_build", 1))
+
+
+def _build_text(build: int) -> str:
+    return f"data build {build}" + (" (digits resized bilinearly; later builds resize as the authors' loaders)"
+                                    if build == 1 else "")
 
 
 def record_key(summary: dict, preset: str) -> str:
@@ -357,7 +375,8 @@ def record_key(summary: dict, preset: str) -> str:
     seeds = cfg["seeds"]
     if seeds != PRESETS.get(preset, {}).get("seeds", RunConfig.seeds):
         key += f"-{seeds}seed" + ("s" if seeds > 1 else "")
-    return key + ("-trained-teacher" if cfg["teacher"] == "train" else "")
+    key += "-trained-teacher" if cfg["teacher"] == "train" else ""
+    return key + (f"-data{data_build(summary)}" if data_build(summary) != 1 else "")  # beside the earlier builds' records
 
 
 # what does not change a classifier's accuracy (beyond run-to-run noise) or is what a summary combines
@@ -373,9 +392,9 @@ def render_summaries(runs: dict) -> list[str]:
         if rec.get("kind") == "pipeline":
             cfg = {k: v for k, v in rec["config"].items() if k not in _SUMMARY_FREE}
             preset = rec["key"].split("-")[1]
-            groups.setdefault((preset, rec["hardware"]["device"], config_hash(cfg)), []).append(rec)
+            groups.setdefault((preset, rec["hardware"]["device"], -data_build(rec), config_hash(cfg)), []).append(rec)
     lines = []
-    for (preset, device, _), recs in sorted(groups.items(), key=lambda g: g[0][:2]):
+    for (preset, device, build, _), recs in sorted(groups.items(), key=lambda g: g[0][:3]):
         if len(recs) < 2:
             continue
         best: dict[tuple[str, str], tuple[dict, str]] = {}
@@ -386,8 +405,9 @@ def render_summaries(runs: dict) -> list[str]:
                         best[(v, row)] = (acc, rec["key"])
         variants = [v for v in VARIANTS if any(key[0] == v for key in best)]
         rows = table_rows({v: {"table": {row: None for (w, row) in best if w == v}} for v in variants})
-        lines += [f"## Summary: `{preset}` preset on {device}", "",
-                  f"- settings: {_settings_text(recs[0]['config'], 'earlier runs' if recs[0]['config'].get('students') else None)}",
+        lines += [f"## Summary: `{preset}` preset on {device}, data build {-build}", "",
+                  f"- settings: {_settings_text(recs[0]['config'], 'earlier runs' if recs[0]['config'].get('students') else None)}"
+                  f"; {_build_text(-build)}",
                   "- each cell: the record with the most seeds for it (n = seeds); from "
                   + ", ".join(f"`{k}`" for k in sorted({key for _, key in best.values()})), "",
                   "OOD test accuracy (%), mean ± std (n):", "",
@@ -419,7 +439,7 @@ def render_record(rec: dict) -> list[str]:
              f"- date: {rec['date']}; skdcgn {hw['skdcgn']}; torch {hw['torch']}; hardware: {hw['cpu']}, "
              f"{hw['cpus_usable']} usable cores, {hw['torch_threads']} torch threads"
              + (f"; GPU {hw['gpu']}" if hw.get("gpu") else "; no GPU"),
-             f"- settings: {_settings_text(cfg)}; {cfg['seeds']} seed(s)",
+             f"- settings: {_settings_text(cfg)}; {cfg['seeds']} seed(s); {_build_text(data_build(rec))}",
              f"- wall time of the recording invocation: {rec['seconds']:.0f} s" + _stage_time_text(rec), "",
              "Accuracy (%), train / test (out of distribution) / test_iid:", "", format_table(rec), ""]
     curves = {(v, row): r["test_by_epoch"][row] for v, r in rec["results"].items()
