@@ -5,6 +5,7 @@ digits and random class draws: in our data's class colours, and in the colours t
 teacher draws (`skdcgn.metrics.palette`). Evaluation only: nothing is trained.
 
     python benchmarks/palette_shift.py [--runs 'runs/full-{variant}'] [--variants colored double_colored]
+        [--rows teacher_cf student_cf]
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ from skdcgn.pipeline import format_mean_std, mean_std, table_rows
 OURS = {"colored": (V.COLORED_RGB, None), "double_colored": (V.DOUBLE_FG_RGB, V.DOUBLE_BG_RGB)}
 
 
-def classifiers(vdir: Path) -> dict[str, list[Path]]:
-    """{row: [seed folders]} of the finished classifiers under a run's variant folder."""
+def classifiers(vdir: Path, rows: list[str]) -> dict[str, list[Path]]:
+    """{row: [seed folders]} of the finished classifiers of `rows` under a run's variant folder."""
     out: dict[str, list[Path]] = {}
     for d in sorted((vdir / "classifiers").glob("*/seed*")):
-        if (d / "model.safetensors").is_file():
+        if d.parent.name in rows and (d / "model.safetensors").is_file():
             out.setdefault(d.parent.name, []).append(d)
     return out
 
@@ -40,7 +41,7 @@ def _rgb(c) -> str:
     return "(" + ", ".join(f"{x:.2f}" for x in c) + ")"
 
 
-def variant_section(variant: str, vdir: Path) -> list[str]:
+def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
     teacher = load_cgn(variant)
     fg, bg = cgn_palette(teacher)
     ours_fg, ours_bg = OURS[variant]
@@ -55,7 +56,7 @@ def variant_section(variant: str, vdir: Path) -> list[str]:
               "|---|---|---|---|"]
         L += [f"| {k} | {_rgb(ours_fg[k])} / {_rgb(ours_bg[k])} | {_rgb(fg[k])} / {_rgb(bg[k])} | "
               f"{max(abs(fg[k] - ours_fg[k]).max(), abs(bg[k] - ours_bg[k]).max()):.2f} |" for k in range(10)]
-    found = classifiers(vdir)
+    found = classifiers(vdir, rows)
     L += ["", "OOD test accuracy (%), mean ± std over seeds (n), the same 10,000 digits and class draws:", "",
           "| trained on | our colours | the teacher's colours | difference |", "|---|---|---|---|"]
     for row in table_rows({variant: {"table": found}}):
@@ -74,6 +75,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
     p.add_argument("--variants", nargs="+", default=list(OURS), choices=list(OURS))
+    p.add_argument("--rows", nargs="+", default=["teacher_cf", "student_cf"],
+                   help="which rows' classifiers (default: the counterfactual rows the paper reports)")
     p.add_argument("--out", default="docs/palette_shift.md")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -82,14 +85,15 @@ def main() -> None:
     body = []
     for v in args.variants:
         vdir = Path(args.runs.format(variant=v)) / v
-        if not classifiers(vdir):
+        if not classifiers(vdir, args.rows):
             sys.exit(f"palette_shift: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
-        body += variant_section(v, vdir)
+        body += variant_section(v, vdir, args.rows)
     head = ["# The teacher's palette and the OOD accuracy", "",
             "Written by `benchmarks/palette_shift.py`; do not edit by hand. " + __doc__.split("\n\n")[1].replace("\n", " "),
-            "", f"- command: `python benchmarks/palette_shift.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "", "- command: `" + " ".join(["python benchmarks/palette_shift.py", *sys.argv[1:]]) + "`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
-            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s", ""]
+            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s",
+            f"- test images: data build {V.BUILD_VERSION} (`skdcgn.data.variants`)", ""]
     write_bytes(args.out, "\n".join(head + body).encode())
     print(f"wrote {args.out}")
 
