@@ -197,6 +197,34 @@ def test_students_of_an_earlier_run_are_reused_without_its_transfer_sets(tiny_ru
     assert not (tmp_path / "bad").exists()
 
 
+def test_new_test_images_are_scored_again_without_retraining(tiny_run, tmp_path, monkeypatch):
+    # e.g. a new data build: the stored scores and epoch curves were for other test images
+    import shutil
+
+    from skdcgn import invariance
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    model = copy / "colored" / "classifiers" / "student_cf" / "seed0" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    load = invariance.load_variant_split
+
+    def relabelled(name, split, *args, **kwargs):
+        x, y = load(name, split, *args, **kwargs)
+        return (x, (y + 1) % 10) if split == "test" else (x, y)
+
+    monkeypatch.setattr(invariance, "load_variant_split", relabelled)
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(copy), "--quiet",
+                 "--rows", "student_cf", "--composers"]) == 0
+    new = read_json(copy / "results.json")["results"]["colored"]
+    old = read_json(run_dir / "results.json")["results"]["colored"]
+    assert model.stat().st_mtime_ns == before  # not retrained
+    assert new["table"]["student_cf"]["test_iid"] == old["table"]["student_cf"]["test_iid"]
+    assert new["table"]["student_cf"]["test"] != old["table"]["student_cf"]["test"]
+    assert "test_by_epoch" not in new  # monitored on the old test images
+
+
 def test_picked_rows_leave_out_the_presets_study_rows_unless_composers_are_given(tmp_path):
     from skdcgn.cli import build_parser
     from skdcgn.commands.run import run_config
@@ -234,3 +262,28 @@ def test_summaries_combine_the_records_of_one_protocol_cell_by_cell():
     assert md.count("## Summary") == 1  # the 10-image record is another protocol, alone: no summary
     assert "| teacher_cf | 33.0 ± 0.5 (3) | – |" in md and "| original | 11.0 (1) | 44.0 (1) |" in md
     assert "| student_cf | 11.0 (1) | – |" in md and "55.0" not in md
+    # records measured on another data build are summarised apart, the newest build first
+    for key, rec in [record("run-full-colored-1seed-data2", "colored", ROWS, 1, "2026-01-05", 66.0),
+                     record("run-full-colored-original-data2", "colored", ["original"], 3, "2026-01-06", 77.0)]:
+        runs[key] = {**rec, "data_build": 2}
+    md = "\n".join(render_summaries(runs))
+    assert md.count("## Summary") == 2 and md.index("data build 2") < md.index("data build 1")
+    build2 = md[:md.index("data build 1")]
+    assert "| original | 77.0 ± 0.5 (3) |" in build2 and "| teacher_cf | 66.0 (1) |" in build2 and "33.0" not in build2
+
+
+def test_records_of_another_data_build_stand_beside_the_earlier_ones(tmp_path):
+    import dataclasses
+
+    from skdcgn.pipeline import RunConfig, record_key, record_results
+
+    config = {**dataclasses.asdict(RunConfig(device="cpu", distill_preset="default")), "rows": list(ROWS), "seeds": 1}
+    table = {r: {s: {"mean": 50.0, "std": 0.0, "n": 1} for s in ("train", "test", "test_iid")} for r in ROWS}
+    old = {"config": config, "results": {"colored": {"table": table}}, "seconds": 1.0}  # before builds were kept
+    new = {**old, "data_build": 2}
+    assert record_key(old, "full") == "run-full-colored-1seed" and record_key(new, "full") == "run-full-colored-1seed-data2"
+    md = tmp_path / "results.md"
+    record_results(md, "runs/x", old, "full")
+    three = {**new, "config": {**config, "seeds": 3}}
+    assert record_results(md, "runs/x", three, "full") == []  # more seeds, but other test images: both stay
+    assert set(read_json(tmp_path / "results.json")["runs"]) == {"run-full-colored-1seed", "run-full-colored-data2"}
