@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="quick", choices=[k for k in PRESETS if k != "tiny"] + ["tiny"],
                    help="quick: a few minutes on a laptop CPU; full: the CGN paper protocol with 3 seeds and the "
                         "composition study, 33 classifiers per variant (measured: ~45 s each on an H200 GPU, "
-                        "~17 min each on one CPU core; use a GPU)")
+                        "8-25 min each on one CPU core, by training-set size; use a GPU)")
     p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--record", metavar="MD", help="also add the accuracy table to this results file (e.g. docs/results.md)")
