@@ -311,6 +311,7 @@ def test_palette_replaces_the_class_colours_and_nothing_else():
     ("double_colored", (np.zeros((9, 3)), np.zeros((10, 3))), "foreground palette: expected 10 RGB"),
     ("double_colored", (np.zeros((10, 3)), np.full((10, 3), 1.5)), "background palette: expected 10 RGB"),
     ("colored", (np.full((10, 3), np.nan), np.zeros((10, 3))), "foreground palette"),
+    ("colored", (np.zeros((10, 3)),), "expected \\(foreground, background\\)"),
 ])
 def test_bad_palette_is_one_error(name, palette, match):
     with pytest.raises(SkdcgnError, match=match):
