@@ -22,10 +22,10 @@ from skdcgn.data import load_variant_uint8
 from skdcgn.data import variants as V
 from skdcgn.invariance import evaluate
 from skdcgn.io import write_bytes
-from skdcgn.metrics.palette import cgn_palette, palette_test_set
+from skdcgn.metrics.palette import cgn_palette
 from skdcgn.pipeline import format_mean_std, mean_std, table_rows
 
-OURS = {"colored": (V.COLORED_RGB, None), "double_colored": (V.DOUBLE_FG_RGB, V.DOUBLE_BG_RGB)}
+COLOUR_VARIANTS = ("colored", "double_colored")
 
 
 def classifiers(vdir: Path, rows: list[str]) -> dict[str, list[Path]]:
@@ -44,8 +44,9 @@ def _rgb(c) -> str:
 def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
     teacher = load_cgn(variant)
     fg, bg = cgn_palette(teacher)
-    ours_fg, ours_bg = OURS[variant]
-    sets = {"ours": load_variant_uint8(variant, "test"), "teacher": palette_test_set(variant, teacher)}
+    ours_fg, ours_bg = V.nominal_palette(variant)
+    # as skdcgn.metrics.palette.palette_test_set, reusing the palette measured above
+    sets = {"ours": load_variant_uint8(variant, "test"), "teacher": V.build_variant(variant, "test", palette=(fg, bg))}
     L = [f"## {variant}", "", f"Run folder `{vdir}`. The teacher's class colours (mean over 200 samples per class, "
          "foreground under the mask, background outside it) against ours:", ""]
     if ours_bg is None:
@@ -74,7 +75,7 @@ def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
-    p.add_argument("--variants", nargs="+", default=list(OURS), choices=list(OURS))
+    p.add_argument("--variants", nargs="+", default=list(COLOUR_VARIANTS), choices=COLOUR_VARIANTS)
     p.add_argument("--rows", nargs="+", default=["teacher_cf", "student_cf"],
                    help="which rows' classifiers (default: the counterfactual rows the paper reports)")
     p.add_argument("--out", default="docs/palette_shift.md")

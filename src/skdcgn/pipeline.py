@@ -392,9 +392,14 @@ def render_summaries(runs: dict) -> list[str]:
         if rec.get("kind") == "pipeline":
             cfg = {k: v for k, v in rec["config"].items() if k not in _SUMMARY_FREE}
             preset = rec["key"].split("-")[1]
-            groups.setdefault((preset, rec["hardware"]["device"], -data_build(rec), config_hash(cfg)), []).append(rec)
+            groups.setdefault((preset, rec["hardware"]["device"], data_build(rec), config_hash(cfg)), []).append(rec)
     lines = []
-    for (preset, device, build, _), recs in sorted(groups.items(), key=lambda g: g[0][:3]):
+
+    def newest_build_first(group: tuple) -> tuple:
+        preset, device, build, _ = group[0]
+        return preset, device, -build
+
+    for (preset, device, build, _), recs in sorted(groups.items(), key=newest_build_first):
         if len(recs) < 2:
             continue
         best: dict[tuple[str, str], tuple[dict, str]] = {}
@@ -405,9 +410,9 @@ def render_summaries(runs: dict) -> list[str]:
                         best[(v, row)] = (acc, rec["key"])
         variants = [v for v in VARIANTS if any(key[0] == v for key in best)]
         rows = table_rows({v: {"table": {row: None for (w, row) in best if w == v}} for v in variants})
-        lines += [f"## Summary: `{preset}` preset on {device}, data build {-build}", "",
+        lines += [f"## Summary: `{preset}` preset on {device}, data build {build}", "",
                   f"- settings: {_settings_text(recs[0]['config'], 'earlier runs' if recs[0]['config'].get('students') else None)}"
-                  f"; {_build_text(-build)}",
+                  f"; {_build_text(build)}",
                   "- each cell: the record with the most seeds for it (n = seeds); from "
                   + ", ".join(f"`{k}`" for k in sorted({key for _, key in best.values()})), "",
                   "OOD test accuracy (%), mean ± std (n):", "",

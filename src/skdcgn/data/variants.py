@@ -173,6 +173,12 @@ def _classes(labels: np.ndarray, tied: bool, rng: np.random.Generator) -> np.nda
     return labels.copy() if tied else rng.integers(0, 10, size=labels.shape[0])
 
 
+def nominal_palette(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Our (foreground, background) class colours [10, 3]: colored has no background colour (black)."""
+    check_colour_variant(name)
+    return (COLORED_RGB, None) if name == "colored" else (DOUBLE_FG_RGB, DOUBLE_BG_RGB)
+
+
 def check_colour_variant(name: str) -> None:
     """A palette (class colours) exists for colored and double_colored, not for wildlife's textures."""
     _check(name, "test", 0)
@@ -203,10 +209,10 @@ def build_variant(name: str, split: str, seed: int = 0, mnist_dir: str | os.Path
     draws included, stays as without it (e.g. to test a classifier in a teacher's colours).
     """
     _check(name, split, seed)
-    if palette is None:
-        fg_rgb, bg_rgb = (COLORED_RGB, None) if name == "colored" else (DOUBLE_FG_RGB, DOUBLE_BG_RGB)
-    else:
+    if palette is not None:
         fg_rgb, bg_rgb = check_palette(name, palette)
+    elif name != "wildlife":
+        fg_rgb, bg_rgb = nominal_palette(name)
     images, labels = load_mnist("train", mnist_dir)
     lo, hi = _mnist_range(split)
     images, labels = images[lo:hi], labels[lo:hi]
