@@ -305,3 +305,16 @@ def test_cgn_palette_reads_each_class_colour():
     assert (corner - torch.stack([k, torch.zeros(10), torch.full((10,), 0.5)], 1).double()[y]).abs().max() < 0.07
     with pytest.raises(SkdcgnError, match="textures, not colours"):
         palette_test_set("wildlife", fake_cgn())
+
+
+def test_palette_test_set_checks_the_split_before_sampling_the_cgn():
+    from skdcgn.metrics.palette import palette_test_set
+
+    class Unsampleable:  # a bad split must fail before the (costly) CGN is asked for anything
+        n_classes = 10
+
+        def sample(self, *args, **kwargs):
+            raise AssertionError("sampled the CGN before checking the split")
+
+    with pytest.raises(SkdcgnError, match="unknown split 'val'"):
+        palette_test_set("colored", Unsampleable(), split="val")

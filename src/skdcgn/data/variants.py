@@ -179,9 +179,10 @@ def nominal_palette(name: str) -> tuple[np.ndarray, np.ndarray | None]:
     return (COLORED_RGB, None) if name == "colored" else (DOUBLE_FG_RGB, DOUBLE_BG_RGB)
 
 
-def check_colour_variant(name: str) -> None:
-    """A palette (class colours) exists for colored and double_colored, not for wildlife's textures."""
-    _check(name, "test", 0)
+def check_colour_variant(name: str, split: str = "test", seed: int = 0) -> None:
+    """A palette (class colours) exists for colored and double_colored, not for wildlife's textures;
+    `split` and `seed` are checked too, so a caller can fail before costly work (sampling a CGN)."""
+    _check(name, split, seed)
     if name == "wildlife":
         raise SkdcgnError("wildlife has textures, not colours: a palette applies to colored and double_colored")
 

@@ -32,5 +32,5 @@ def cgn_palette(cgn, n_per_class: int = 200, seed: int = 0) -> tuple[np.ndarray,
 def palette_test_set(variant: str, cgn, split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`split` of `variant` (colored or double_colored) with `cgn`'s class colours instead of ours:
     (uint8 images [N, 3, 32, 32], int64 labels [N])."""
-    check_colour_variant(variant)  # before sampling the CGN
+    check_colour_variant(variant, split, seed)  # before sampling the CGN
     return build_variant(variant, split, seed, palette=cgn_palette(cgn))
