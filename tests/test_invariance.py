@@ -261,6 +261,27 @@ def test_interrupted_training_resumes_bitwise(tmp_path):
     assert [[{**r, "seconds": 0} for r in log] for log in logs] == [[{**r, "seconds": 0} for r in logs[0]]] * 2
 
 
+@pytest.mark.parametrize("same_test_set", [True, False])
+def test_a_resumed_curve_never_mixes_two_test_sets(tmp_path, same_test_set):
+    images, labels = separable_set(64)
+    old_x, old_y = separable_set(40, seed=1)
+    new_x, new_y = (old_x, old_y) if same_test_set else separable_set(40, seed=3)  # e.g. another data build
+    config = ClassifierConfig(epochs=2, batch_size=16, seed=5, device="cpu")
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(images, labels, config, tmp_path, progress=False, on_epoch_end=stop_after_first,
+                         monitor={"test": (old_x, old_y)})
+    model = train_classifier(images, labels, config, tmp_path, progress=False, monitor={"test": (new_x, new_y)})
+    log = json.loads((tmp_path / "manifest.json").read_text())["log"]
+    assert log[1]["test_accuracy"] == round(evaluate(model, new_x, new_y), 6)
+    assert ("test_accuracy" in log[0]) == same_test_set  # epoch 1 was scored on the old images: dropped
+    assert (tmp_path / "train_log.csv").read_text().splitlines()[1].endswith(",") != same_test_set
+
+
 def test_max_steps_and_max_examples_cap_training(tmp_path):
     images, labels = separable_set(200)
     config = ClassifierConfig(epochs=5, batch_size=16, max_steps=7, max_examples=100, device="cpu")

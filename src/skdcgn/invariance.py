@@ -92,7 +92,7 @@ def data_hash(images: Tensor, labels: Tensor) -> str:
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, log: list[dict],
-                     device: torch.device, stage_hash: str) -> None:
+                     device: torch.device, stage_hash: str, monitor_ids: dict[str, str]) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_sd = opt.state_dict()
     plain_state: dict[str, dict] = {}
@@ -106,7 +106,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta = {"epoch": epoch, "step": step, "log": log, "scheduler": sched.state_dict(),
-            "param_groups": opt_sd["param_groups"], "plain_state": plain_state}
+            "param_groups": opt_sd["param_groups"], "plain_state": plain_state, "monitor": monitor_ids}
     save_tensors(path, tensors, metadata={"resume": json.dumps(meta), "stage_hash": stage_hash})
 
 
@@ -122,7 +122,10 @@ def _checkpoint_stage_hash(path: Path) -> str | None:
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                     sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, int, list[dict]]:
+                     sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device
+                     ) -> tuple[int, int, list[dict], dict[str, str]]:
+    """Restore the training state; (epoch, step, log, {monitor name: data hash} the log's monitored
+    accuracies were measured on; empty for checkpoints written before it was stored)."""
     from safetensors import safe_open
 
     tensors = load_tensors(path)
@@ -143,13 +146,22 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         torch.set_rng_state(tensors["rng.cpu"])
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        return int(meta["epoch"]), int(meta["step"]), list(meta["log"])
+        return int(meta["epoch"]), int(meta["step"]), list(meta["log"]), dict(meta.get("monitor", {}))
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise SkdcgnError(f"{path}: not a usable checkpoint for this run ({str(e).splitlines()[0][:200]}); "
                           "delete it to start over") from None
 
 
 LOG_FIELDS = ("epoch", "steps", "lr", "loss", "accuracy", "seconds")
+
+
+def _drop_stale_monitoring(log: list[dict], saved: dict[str, str], current: dict[str, str]) -> list[dict]:
+    """A resumed log without the monitored accuracies (`<name>_accuracy`) that were measured on other
+    images than this run monitors (e.g. the test split of another data build): a curve is then
+    incomplete, and shown nowhere, rather than a mix of two test sets."""
+    names = {k[:-len("_accuracy")] for r in log for k in r if k.endswith("_accuracy") and k != "accuracy"}
+    stale = {f"{n}_accuracy" for n in names | set(current) if saved.get(n) != current.get(n)}
+    return [{k: v for k, v in r.items() if k not in stale} for r in log]
 
 
 def _write_log(path: Path, log: list[dict]) -> None:
@@ -178,6 +190,7 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
     _check_data(images, labels)
     for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
         _check_data(mx, my, n_classes=10**9)
+    monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
     device = resolve_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
     stage = {"stage": "classifier", "train": dataclasses.asdict(config), "data": data_hash(images, labels), "n": len(labels)}
@@ -207,7 +220,8 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
         epoch, step, log = 0, 0, []
         if out is not None and (out / CHECKPOINT).is_file():
             if _checkpoint_stage_hash(out / CHECKPOINT) == config_hash(stage):
-                epoch, step, log = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
+                epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
+                log = _drop_stale_monitoring(log, saved_ids, monitor_ids)
                 if progress:
                     print(f"resuming {out} after epoch {epoch} (step {step})")
             elif progress:
@@ -257,7 +271,8 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
                 print(f"epoch {epoch}: loss {row['loss']:.4f}, train accuracy {row['accuracy']:.4f}, "
                       f"{row['seconds']:.1f} s")
             if out is not None:
-                _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, config_hash(stage))
+                _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, config_hash(stage),
+                                 monitor_ids)
                 _write_log(out / LOG, log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
@@ -266,7 +281,7 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
         model.save_pretrained(out)
         write_manifest(out, stage, log=log, n_params=model.get_num_params(),
                        train_seconds=round(sum(r["seconds"] for r in log), 2),
-                       monitor={name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()})
+                       monitor=monitor_ids)
     return model
 
 
