@@ -57,19 +57,35 @@ def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
               "|---|---|---|---|"]
         L += [f"| {k} | {_rgb(ours_fg[k])} / {_rgb(ours_bg[k])} | {_rgb(fg[k])} / {_rgb(bg[k])} | "
               f"{max(abs(fg[k] - ours_fg[k]).max(), abs(bg[k] - ours_bg[k]).max()):.2f} |" for k in range(10)]
-    found = classifiers(vdir, rows)
-    L += ["", "OOD test accuracy (%), mean ± std over seeds (n), the same 10,000 digits and class draws:", "",
-          "| trained on | our colours | the teacher's colours | difference |", "|---|---|---|---|"]
+    L += ["", "OOD test accuracy (%), mean ± std over seeds (n), the same 10,000 digits and class draws:", ""]
+    return L + accuracy_table(variant, classifiers(vdir, rows), sets, ("our colours", "the teacher's colours")) + [""]
+
+
+def accuracy_table(variant: str, found: dict[str, list[Path]], sets: dict, columns: tuple[str, str]) -> list[str]:
+    """Each row's classifiers on two test sets {name: (images, labels)}: mean ± std (n) and the difference."""
+    (a_name, b_name), L = sets, [f"| trained on | {columns[0]} | {columns[1]} | difference |", "|---|---|---|---|"]
     for row in table_rows({variant: {"table": found}}):
         accs = []
         for d in found[row]:
             clf = load_classifier(d).eval()
             accs.append({k: evaluate(clf, x, y) for k, (x, y) in sets.items()})
         a = mean_std(accs)
-        diff = mean_std([{"d": r["teacher"] - r["ours"]} for r in accs])["d"]
-        L.append(f"| {row} | {format_mean_std(a['ours'])} ({len(accs)}) | {format_mean_std(a['teacher'])} ({len(accs)}) | "
+        diff = mean_std([{"d": r[b_name] - r[a_name]} for r in accs])["d"]
+        L.append(f"| {row} | {format_mean_std(a[a_name])} ({len(accs)}) | {format_mean_std(a[b_name])} ({len(accs)}) | "
                  f"{round(diff['mean'], 1) + 0.0:+.1f} |")
-    return L + [""]
+    return L
+
+
+def write_report(out: str, title: str, script: str, doc: str, t0: float, body: list[str]) -> None:
+    """The generated page: title, what it measures (`doc`), command, date, hardware, then `body`."""
+    hw = hardware_info(torch.device("cpu"))
+    head = [f"# {title}", "", f"Written by `{script}`; do not edit by hand. " + doc.replace("\n", " "),
+            "", "- command: `" + " ".join([f"python {script}", *sys.argv[1:]]) + "`",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
+            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s",
+            f"- test images: data build {V.BUILD_VERSION} (`skdcgn.data.variants`)", ""]
+    write_bytes(out, "\n".join(head + body).encode())
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -82,21 +98,14 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
-    hw = hardware_info(torch.device("cpu"))
     body = []
     for v in args.variants:
         vdir = Path(args.runs.format(variant=v)) / v
         if not classifiers(vdir, args.rows):
             sys.exit(f"palette_shift: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
         body += variant_section(v, vdir, args.rows)
-    head = ["# The teacher's palette and the OOD accuracy", "",
-            "Written by `benchmarks/palette_shift.py`; do not edit by hand. " + __doc__.split("\n\n")[1].replace("\n", " "),
-            "", "- command: `" + " ".join(["python benchmarks/palette_shift.py", *sys.argv[1:]]) + "`",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
-            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s",
-            f"- test images: data build {V.BUILD_VERSION} (`skdcgn.data.variants`)", ""]
-    write_bytes(args.out, "\n".join(head + body).encode())
-    print(f"wrote {args.out}")
+    write_report(args.out, "The teacher's palette and the OOD accuracy", "benchmarks/palette_shift.py",
+                 __doc__.split("\n\n")[1], t0, body)
 
 
 if __name__ == "__main__":

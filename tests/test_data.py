@@ -316,3 +316,16 @@ def test_palette_replaces_the_class_colours_and_nothing_else():
 def test_bad_palette_is_one_error(name, palette, match):
     with pytest.raises(SkdcgnError, match=match):
         build_variant(name, "test", palette=palette)
+
+
+def test_t10k_digits_keep_the_draws_and_change_only_the_digits():
+    x, y = load_variant_uint8("double_colored", "test")
+    xt, yt = build_variant("double_colored", "test", digits="t10k")
+    assert torch.equal(yt, torch.from_numpy(load_mnist("test")[1]))
+    assert not torch.equal(xt, x)
+    # the same random class draws and jitter: the corner (background) pixel matches image by image
+    assert (xt[:, :, 0, 0] == x[:, :, 0, 0]).all(1).float().mean() > 0.99
+    with pytest.raises(SkdcgnError, match="for the test splits"):
+        build_variant("colored", "train", digits="t10k")
+    with pytest.raises(SkdcgnError, match="unknown digits 'emnist'"):
+        build_variant("colored", "test", digits="emnist")

@@ -41,6 +41,7 @@ from .mnist import load_mnist, mnist_fingerprint
 
 VARIANTS = ("colored", "double_colored", "wildlife")
 SPLITS = ("train", "test", "test_iid")
+DIGIT_SOURCES = ("train", "t10k")  # which MNIST images a split is drawn on (`build_variant`)
 
 # Bump when the generation procedure changes: it is part of the cache key, and run records carry it.
 # 1: bilinear digit resize; 2: nearest, as the authors' loaders.
@@ -202,21 +203,32 @@ def check_palette(name: str, palette: tuple[np.ndarray, np.ndarray]) -> tuple[np
 
 
 def build_variant(name: str, split: str, seed: int = 0, mnist_dir: str | os.PathLike | None = None,
-                  palette: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  palette: tuple[np.ndarray, np.ndarray] | None = None, digits: str = "train"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Build a variant without the cache: (uint8 images [N, 3, 32, 32], int64 labels [N]).
 
     `palette` = (foreground, background) RGB [10, 3] in [0, 1] replaces the class colours of
     colored (which uses the foreground only) or double_colored; everything else, the random
     draws included, stays as without it (e.g. to test a classifier in a teacher's colours).
+    `digits`: "train" (the authors' protocol, see the module docstring) or, for the test splits,
+    "t10k": MNIST's official 10,000 test digits with the same random draws (the LNTL colored MNIST
+    that the released colored teacher learned from tests on these).
     """
     _check(name, split, seed)
+    if digits not in DIGIT_SOURCES:
+        raise SkdcgnError(f"unknown digits {digits!r}; valid: {', '.join(DIGIT_SOURCES)}")
+    if digits == "t10k" and split == "train":
+        raise SkdcgnError("digits 't10k' are MNIST's test digits: for the test splits, not train")
     if palette is not None:
         fg_rgb, bg_rgb = check_palette(name, palette)
     elif name != "wildlife":
         fg_rgb, bg_rgb = nominal_palette(name)
-    images, labels = load_mnist("train", mnist_dir)
-    lo, hi = _mnist_range(split)
-    images, labels = images[lo:hi], labels[lo:hi]
+    if digits == "t10k":
+        images, labels = load_mnist("test", mnist_dir)
+    else:
+        images, labels = load_mnist("train", mnist_dir)
+        lo, hi = _mnist_range(split)
+        images, labels = images[lo:hi], labels[lo:hi]
     n = labels.shape[0]
     tied = split != "test"
     rng = _rng(name, split, seed)
