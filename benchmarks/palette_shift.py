@@ -88,21 +88,34 @@ def write_report(out: str, title: str, script: str, doc: str, t0: float, body: l
     print(f"wrote {out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_args(doc: str, variants: tuple[str, ...], out: str) -> argparse.Namespace:
+    """The options every evaluation-only benchmark here takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
-    p.add_argument("--variants", nargs="+", default=list(COLOUR_VARIANTS), choices=COLOUR_VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(variants), choices=variants)
     p.add_argument("--rows", nargs="+", default=["teacher_cf", "student_cf"],
                    help="which rows' classifiers (default: the counterfactual rows the paper reports)")
-    p.add_argument("--out", default="docs/palette_shift.md")
-    args = p.parse_args()
-    torch.manual_seed(0)
-    t0 = time.time()
-    body = []
+    p.add_argument("--out", default=out)
+    return p.parse_args()
+
+
+def variant_dirs(args: argparse.Namespace, script: str) -> list[tuple[str, Path]]:
+    """(variant, its folder in the run) for each asked variant; exits with one line if one has no classifiers."""
+    out = []
     for v in args.variants:
         vdir = Path(args.runs.format(variant=v)) / v
         if not classifiers(vdir, args.rows):
-            sys.exit(f"palette_shift: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
+            sys.exit(f"{script}: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
+        out.append((v, vdir))
+    return out
+
+
+def main() -> None:
+    args = benchmark_args(__doc__, COLOUR_VARIANTS, "docs/palette_shift.md")
+    torch.manual_seed(0)
+    t0 = time.time()
+    body = []
+    for v, vdir in variant_dirs(args, "palette_shift"):
         body += variant_section(v, vdir, args.rows)
     write_report(args.out, "The teacher's palette and the OOD accuracy", "benchmarks/palette_shift.py",
                  __doc__.split("\n\n")[1], t0, body)

@@ -10,7 +10,6 @@ nothing is trained.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,30 +17,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from palette_shift import accuracy_table, classifiers, write_report  # noqa: E402  (a sibling script)
+from palette_shift import accuracy_table, benchmark_args, classifiers, variant_dirs, write_report  # noqa: E402  (a sibling script)
 
 from skdcgn.data import VARIANTS, build_variant, load_variant_uint8  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--rows", nargs="+", default=["teacher_cf", "student_cf"],
-                   help="which rows' classifiers (default: the counterfactual rows the paper reports)")
-    p.add_argument("--out", default="docs/test_digits.md")
-    args = p.parse_args()
+    args = benchmark_args(__doc__, VARIANTS, "docs/test_digits.md")
     torch.manual_seed(0)
     t0 = time.time()
     body = []
-    for v in args.variants:
-        vdir = Path(args.runs.format(variant=v)) / v
-        found = classifiers(vdir, args.rows)
-        if not found:
-            sys.exit(f"test_digits: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
+    for v, vdir in variant_dirs(args, "test_digits"):
         sets = {"train": load_variant_uint8(v, "test"), "t10k": build_variant(v, "test", digits="t10k")}
         body += [f"## {v}", "", f"Run folder `{vdir}`. OOD test accuracy (%), mean ± std over seeds (n):", "",
-                 *accuracy_table(v, found, sets, ("training digits 50,000-59,999", "official test digits")), ""]
+                 *accuracy_table(v, classifiers(vdir, args.rows), sets,
+                                 ("training digits 50,000-59,999", "official test digits")), ""]
     write_report(args.out, "Which MNIST digits are tested, and the OOD accuracy", "benchmarks/test_digits.py",
                  __doc__.split("\n\n")[1], t0, body)
 
