@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ def _rgb(c) -> str:
     return "(" + ", ".join(f"{x:.2f}" for x in c) + ")"
 
 
-def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
+def variant_section(variant: str, vdir: Path, found: dict[str, list[Path]]) -> list[str]:
     teacher = load_cgn(variant)
     fg, bg = cgn_palette(teacher)
     ours_fg, ours_bg = V.nominal_palette(variant)
@@ -58,12 +59,13 @@ def variant_section(variant: str, vdir: Path, rows: list[str]) -> list[str]:
         L += [f"| {k} | {_rgb(ours_fg[k])} / {_rgb(ours_bg[k])} | {_rgb(fg[k])} / {_rgb(bg[k])} | "
               f"{max(abs(fg[k] - ours_fg[k]).max(), abs(bg[k] - ours_bg[k]).max()):.2f} |" for k in range(10)]
     L += ["", "OOD test accuracy (%), mean ± std over seeds (n), the same 10,000 digits and class draws:", ""]
-    return L + accuracy_table(variant, classifiers(vdir, rows), sets, ("our colours", "the teacher's colours")) + [""]
+    return L + accuracy_table(variant, found, sets, ("our colours", "the teacher's colours")) + [""]
 
 
 def accuracy_table(variant: str, found: dict[str, list[Path]], sets: dict, columns: tuple[str, str]) -> list[str]:
     """Each row's classifiers on two test sets {name: (images, labels)}: mean ± std (n) and the difference."""
-    (a_name, b_name), L = sets, [f"| trained on | {columns[0]} | {columns[1]} | difference |", "|---|---|---|---|"]
+    a_name, b_name = sets
+    L = [f"| trained on | {columns[0]} | {columns[1]} | difference |", "|---|---|---|---|"]
     for row in table_rows({variant: {"table": found}}):
         accs = []
         for d in found[row]:
@@ -76,50 +78,38 @@ def accuracy_table(variant: str, found: dict[str, list[Path]], sets: dict, colum
     return L
 
 
-def write_report(out: str, title: str, script: str, doc: str, t0: float, body: list[str]) -> None:
-    """The generated page: title, what it measures (`doc`), command, date, hardware, then `body`."""
-    hw = hardware_info(torch.device("cpu"))
-    head = [f"# {title}", "", f"Written by `{script}`; do not edit by hand. " + doc.replace("\n", " "),
-            "", "- command: `" + " ".join([f"python {script}", *sys.argv[1:]]) + "`",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
-            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s",
-            f"- test images: data build {V.BUILD_VERSION} (`skdcgn.data.variants`)", ""]
-    write_bytes(out, "\n".join(head + body).encode())
-    print(f"wrote {out}")
-
-
-def benchmark_args(doc: str, variants: tuple[str, ...], out: str) -> argparse.Namespace:
-    """The options every evaluation-only benchmark here takes."""
+def run_benchmark(doc: str, script: str, title: str, variants: tuple[str, ...],
+                  section: Callable[[str, Path, dict[str, list[Path]]], list[str]]) -> None:
+    """The evaluation-only benchmarks' driver: options (`--runs --variants --rows --out`), then for each
+    variant `section(variant, its run folder, {row: [classifier folders]})`, then the generated page
+    docs/<script name>.md: title, what it measures (`doc`'s second paragraph), command, date, hardware."""
+    name = Path(script).stem
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--runs", default="runs/full-{variant}", help="run folder per variant ({variant} is replaced)")
     p.add_argument("--variants", nargs="+", default=list(variants), choices=variants)
     p.add_argument("--rows", nargs="+", default=["teacher_cf", "student_cf"],
                    help="which rows' classifiers (default: the counterfactual rows the paper reports)")
-    p.add_argument("--out", default=out)
-    return p.parse_args()
-
-
-def variant_dirs(args: argparse.Namespace, script: str) -> list[tuple[str, Path]]:
-    """(variant, its folder in the run) for each asked variant; exits with one line if one has no classifiers."""
-    out = []
-    for v in args.variants:
-        vdir = Path(args.runs.format(variant=v)) / v
-        if not classifiers(vdir, args.rows):
-            sys.exit(f"{script}: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
-        out.append((v, vdir))
-    return out
-
-
-def main() -> None:
-    args = benchmark_args(__doc__, COLOUR_VARIANTS, "docs/palette_shift.md")
+    p.add_argument("--out", default=f"docs/{name}.md")
+    args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
-    body = []
-    for v, vdir in variant_dirs(args, "palette_shift"):
-        body += variant_section(v, vdir, args.rows)
-    write_report(args.out, "The teacher's palette and the OOD accuracy", "benchmarks/palette_shift.py",
-                 __doc__.split("\n\n")[1], t0, body)
+    found = {}
+    for v in args.variants:  # all checked before any work: one line if a variant has no classifiers
+        vdir = Path(args.runs.format(variant=v)) / v
+        found[v] = (vdir, classifiers(vdir, args.rows))
+        if not found[v][1]:
+            sys.exit(f"{name}: no classifiers under {vdir}/classifiers (run `skdcgn run --variant {v}` first)")
+    body = [line for v, (vdir, clfs) in found.items() for line in section(v, vdir, clfs)]
+    hw = hardware_info(torch.device("cpu"))
+    head = [f"# {title}", "", f"Written by `{script}`; do not edit by hand. " + doc.split("\n\n")[1].replace("\n", " "),
+            "", "- command: `" + " ".join([f"python {script}", *sys.argv[1:]]) + "`",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; skdcgn {hw['skdcgn']}; torch {hw['torch']}",
+            f"- hardware: {hw['cpu']}, {hw['torch_threads']} torch threads; {time.time() - t0:.0f} s",
+            f"- test images: data build {V.BUILD_VERSION} (`skdcgn.data.variants`)", ""]
+    write_bytes(args.out, "\n".join(head + body).encode())
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(__doc__, "benchmarks/palette_shift.py", "The teacher's palette and the OOD accuracy",
+                  COLOUR_VARIANTS, variant_section)

@@ -159,7 +159,7 @@ def _drop_stale_monitoring(log: list[dict], saved: dict[str, str], current: dict
     """A resumed log without the monitored accuracies (`<name>_accuracy`) that were measured on other
     images than this run monitors (e.g. the test split of another data build): a curve is then
     incomplete, and shown nowhere, rather than a mix of two test sets."""
-    names = {k[:-len("_accuracy")] for r in log for k in r if k.endswith("_accuracy") and k != "accuracy"}
+    names = {k[:-len("_accuracy")] for r in log for k in r if k.endswith("_accuracy")}  # not the train "accuracy"
     stale = {f"{n}_accuracy" for n in names | set(current) if saved.get(n) != current.get(n)}
     return [{k: v for k, v in r.items() if k not in stale} for r in log]
 
