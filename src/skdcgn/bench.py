@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .config import resolve_device
+from .config import resolve_device, set_threads, usable_cpus
 from .errors import SkdcgnError
 from .io import read_json, write_bytes, write_json
 
@@ -98,10 +98,7 @@ def hardware_info(device: torch.device) -> dict:
                     break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    usable = usable_cpus()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": usable, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "skdcgn": __version__, "device": str(device), "gpu": None}
@@ -211,8 +208,7 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
         raise SkdcgnError(f"--teacher must be a shipped teacher ({', '.join(TEACHER_VARIANT)}), got {teacher!r}")
     settings = PRESETS[preset]
     dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads, "--threads")
     t0 = time.time()
     t_cgn = load_cgn(teacher).to(dev).eval()
     distill_seconds = None
@@ -457,8 +453,7 @@ def run_imagenet_bench(device: str = "cpu", batch_sizes: tuple[int, ...] = (1,),
     from .metrics.cost import cost_table
 
     dev = resolve_device(device)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads, "--threads")
     t0 = time.time()
     models = imagenet_models()
     cost = cost_table(models, dev, batch_sizes, units=units, warmup=warmup, repeats=repeats, min_seconds=0.0,

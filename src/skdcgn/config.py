@@ -106,15 +106,53 @@ def config_from_args(config_cls: type[C], args: argparse.Namespace, base: dict |
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is a clear error. A
-    `torch.device` is returned as it is."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
+    """The device a command runs on, checked to be usable by this torch build before any work.
+
+    `auto`: CUDA when present, else the CPU. `cpu`, `cuda[:N]` (N < the number of visible GPUs),
+    and `mps`/`xpu` where this torch reports them available. A `torch.device` is checked the same
+    way. Raises `SkdcgnError` (one line) for an unknown name, a device this machine or torch build
+    lacks, or `meta` (a device that holds no data).
+    """
+    if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SkdcgnError(f"device {name!r} requested but no CUDA device is available")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        dev = name if isinstance(name, torch.device) else torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
         raise SkdcgnError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SkdcgnError(f"device {str(name)!r} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SkdcgnError(f"device {str(name)!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "meta" and callable(available) and available():
+        return dev
+    raise SkdcgnError(f"device {str(name)!r} is not usable with this torch build on this machine; use auto, cpu or cuda[:N]")
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None, what: str = "threads") -> None:
+    """Set torch's CPU threads for this process: the one check for every `--threads`.
+
+    0 or None leaves torch's default. Otherwise 1 ≤ threads ≤ `usable_cpus()`: more threads than
+    CPUs only make them wait on each other (1,024 on 2 cores ran 40× slower), and a negative or
+    huge count crashes torch. Raises `SkdcgnError` (one line naming `what`).
+    """
+    if threads is None or (threads == 0 and not isinstance(threads, bool)):
+        return
+    n = usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= n:
+        raise SkdcgnError(f"{what}: {threads!r} is not a thread count in [1, {n}] "
+                          f"(this process may use {n} CPUs; 0 keeps torch's default)")
+    torch.set_num_threads(threads)

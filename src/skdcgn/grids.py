@@ -9,15 +9,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .images import to_uint8
+from .images import check_images, render_mask, to_uint8
 from .io import write_bytes
 
 
 def to_rgb_array(images: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] (C = 3) or masks in [0, 1] (C = 1) → uint8 [N, H, W, 3]."""
-    x = images.detach().float().cpu()
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1) * 2 - 1
+    """[N, C, H, W] in [-1, 1] or uint8 (C = 3), or masks in [0, 1] (C = 1) → uint8 [N, H, W, 3].
+
+    Images in another range are refused (`images.check_images`); masks outside [0, 1] too."""
+    x = images.detach().cpu()
+    x = render_mask(x) if x.ndim == 4 and x.shape[1] == 1 else check_images(x)
     return to_uint8(x).permute(0, 2, 3, 1).numpy()
 
 

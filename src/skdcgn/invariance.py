@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .config import resolve_device
 from .counterfactuals import derive_seed
-from .images import to_float
+from .images import check_images, to_float
 from .errors import SkdcgnError
 from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_csv, write_manifest
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
@@ -66,11 +66,13 @@ class ClassifierConfig:
             raise SkdcgnError(f"gamma: {self.gamma} is outside (0, 1]")
 
 
-def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10) -> None:
+def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10, check_range: bool = True) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
         raise SkdcgnError(f"images: expected a tensor [N, 3, H, W], got {getattr(images, 'shape', type(images).__name__)}")
     if images.dtype not in (torch.uint8, torch.float32):
         raise SkdcgnError(f"images: expected uint8 or float32 (in [-1, 1]), got {images.dtype}")
+    if check_range:
+        check_images(images)  # float images outside [-1, 1] are refused, [0, 1]-looking ones warn
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (len(images),):
         raise SkdcgnError(f"labels: expected int64 [{len(images)}], got {getattr(labels, 'dtype', None)} "
                           f"{list(getattr(labels, 'shape', []))}")
@@ -287,9 +289,11 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
 
 @torch.no_grad()
 def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Predicted classes int64 [N] (batched; images uint8 or float in [-1, 1])."""
+    """Predicted classes int64 [N] of images [N, 3, H, W], uint8 [0, 255] or float in [-1, 1]
+    (other ranges and dtypes refused: `images.check_images`)."""
     classifier.eval()
     device = next(classifier.parameters()).device
+    check_images(images[:0] if images.dtype == torch.uint8 else images)
     preds = [classifier(to_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
              for i in range(0, len(images), batch_size)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
@@ -297,7 +301,7 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Te
 
 def evaluate(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of `classifier` on (images, labels)."""
-    _check_data(images, labels, n_classes=10**9)
+    _check_data(images, labels, n_classes=10**9, check_range=False)  # predict checks the range
     return (predict(classifier, images, batch_size) == labels).float().mean().item()
 
 

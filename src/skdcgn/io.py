@@ -44,9 +44,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     tmp: Path | None = None
+    make_dirs(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
@@ -57,6 +57,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """Create `folder` and its parents as needed. Raises `SkdcgnError` (one line) when the folder
+    or one of its parents exists as a file, or cannot be created (permissions, full disk)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        for p in (folder, *folder.parents):
+            if p.exists() and not p.is_dir():
+                need = "a folder is needed here" if p == folder else f"{folder} needs it to be a folder"
+                raise SkdcgnError(f"{p}: is a file, but {need}; choose another path or move the file") from None
+        raise SkdcgnError(f"could not create folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def _tmp_prefix(path: Path) -> str:
+    """`.<name>.` for the temporary file beside `path`, cut short where the whole temporary name
+    (prefix, mkstemp's 8 random characters, `.tmp`) would exceed the file system's name limit:
+    any name the target itself may have can be written atomically."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    room = max(1, min(limit, 255) - len(TMP_SUFFIX) - 8 - 2)  # 2: the dots around the name
+    name = path.name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore") or "x"
+    return f".{name}."
 
 
 def _write_failure(e: BaseException, folder: Path) -> str:
@@ -199,25 +227,73 @@ def tensor_file_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
 
 
+# Key prefixes that wrap a whole state_dict without changing the network: nn.DataParallel and
+# DistributedDataParallel (`module.`, the CGN authors' checkpoints) and torch.compile (`_orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# A pre-1.6 torch.save file starts with its magic number pickled (protocol 2): a plain pickle
+# is not a PyTorch checkpoint.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 def load_torch_state_dict(path: str | os.PathLike) -> dict:
-    """A foreign PyTorch checkpoint as data: zip format only, `weights_only=True`, a dict at the top."""
+    """A foreign PyTorch checkpoint (`torch.save` of a state_dict) read as data, never as code.
+
+    Accepts what the field publishes: the zip format of `torch.save` (PyTorch >= 1.6) and the
+    pre-1.6 pickle format (BigGAN-deep `pytorch_model.bin`, U2-Net `u2net.pth`), both read with
+    `torch.load(weights_only=True)`, which builds tensors and plain containers only; a state_dict
+    wrapped as `{"state_dict": {...}}`; and keys that all carry a wrapper prefix (`module.` from
+    nn.DataParallel, `_orig_mod.` from torch.compile), which is removed (`strip_wrapper_prefix`).
+
+    Returns the state_dict (a dict, tensors on the CPU). Raises `SkdcgnError` (one line naming
+    the file) for a missing file, a file in neither format, a pickle that would run code, a
+    truncated file, a top level that is not a dict, or a prefix carried by only some keys.
+    """
     import pickle
+    import struct
     import zipfile
 
     path = Path(path)
     if not path.is_file():
         raise SkdcgnError(f"{path}: file not found")
-    if not zipfile.is_zipfile(path):
-        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (expected a zip-format state_dict saved by torch.save)")
+    with open(path, "rb") as f:
+        legacy = f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+    if not legacy and not zipfile.is_zipfile(path):
+        raise SkdcgnError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format "
+                          "nor its pre-1.6 format)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            io.UnsupportedOperation) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, struct.error, zipfile.BadZipFile, io.UnsupportedOperation) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
+    if isinstance(sd, dict) and set(sd) == {"state_dict"} and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise SkdcgnError(f"{path}: expected a state_dict (a dict of tensors), got {type(sd).__name__}")
-    return sd
+    return strip_wrapper_prefix(sd, str(path))
+
+
+def strip_wrapper_prefix(state: dict, source: str) -> dict:
+    """Remove a wrapper prefix (`WRAPPER_PREFIXES`) that every key carries, repeatedly (a
+    DataParallel of a compiled model); refuse one carried by some keys only (one line naming it
+    and a key). Other state_dicts are returned unchanged."""
+    while state:
+        for prefix in WRAPPER_PREFIXES:
+            carrying = [k for k in state if isinstance(k, str) and k.startswith(prefix)]
+            if not carrying:
+                continue
+            if len(carrying) < len(state):
+                other = next(k for k in state if not (isinstance(k, str) and k.startswith(prefix)))
+                raise SkdcgnError(f"{source}: {len(carrying)} of {len(state)} keys carry the wrapper prefix "
+                                  f"'{prefix}' (e.g. '{carrying[0]}') but '{other}' does not; "
+                                  "expected all keys or none")
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            break
+        else:
+            return state
+    return state
 
 
 def check_state_dict(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:

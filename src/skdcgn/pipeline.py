@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .compose import COMPOSERS
-from .config import resolve_device
+from .config import resolve_device, set_threads
 from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
 from .io import config_hash, read_json, stage_complete, write_json, write_manifest
@@ -100,8 +100,7 @@ def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     for variant in config.variants:  # missing students fail now, before any work
         students_dir(config, variant, run_dir / variant)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     write_json(run_dir / "run_config.json", dataclasses.asdict(config))
     t0 = time.perf_counter()
     results = {}

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compose import compose
-from .config import config_from_dict, resolve_device
+from .config import config_from_dict, resolve_device, set_threads
 from .errors import SkdcgnError
 from .images import to_float
 from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
@@ -359,8 +359,7 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
         print(f"{stage_dir}: already trained with this config; skipping")
         return _load_teacher(stage_dir)
     device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
 
     images, labels = load_train_set(variant, config.data_seed)
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32) or labels.shape != (images.shape[0],):

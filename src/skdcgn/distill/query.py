@@ -44,8 +44,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..config import resolve_device
 from ..errors import SkdcgnError
-from ..io import (MANIFEST, atomic_path, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
+from ..io import (MANIFEST, atomic_path, make_dirs, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
                   stage_complete, tensor_file_metadata, write_manifest)
 
 U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -146,7 +147,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     names = [SHARD[shard_format].format(i) for i in range(n_shards)]
     collective = world_size > 1 and _dist_ready()
     if rank == 0:  # one process tidies the folder; the others wait for it when they can
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(out_dir)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # a manifest for another config no longer applies
         for stale in out_dir.glob(".*.tmp"):  # leftovers of a killed atomic write
             stale.unlink(missing_ok=True)
@@ -154,7 +155,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
             (out_dir / extra).unlink()  # shards of a larger, older set
     if collective:
         torch.distributed.barrier()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     chash = config_hash(config)
     written = 0
     mine = [i for i in range(n_shards) if i % world_size == rank]
@@ -439,7 +440,7 @@ class OnlineTeacher:
         self.mechanism = mechanism.eval()
         self.latent_dim = int(latent_dim or cfg.latent_dim)
         self.n_classes = int(n_classes or cfg.n_classes)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         fingerprint = teacher_fingerprint(mechanism, self.latent_dim, self.n_classes, device)
         self.config = {"online": True, "latent_dim": self.latent_dim, "n_classes": self.n_classes, "teacher": fingerprint}
         g = torch.Generator().manual_seed(preview_seed)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..config import config_from_dict, resolve_device
+from ..config import config_from_dict, resolve_device, set_threads
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (check_finite, config_hash, finite_float, remove_stale_temporaries, stage_complete, write_bytes,
@@ -215,8 +215,7 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
             raise SkdcgnError(f"mechanism: {m!r} is not one of {', '.join(MECHANISMS)}")
     run_dir = Path(run_dir)
     env, device = init_distributed(resolve_device(config.device))
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     teacher_cgn = teacher_cgn.to(device).eval()
     timings = {}
     for m in mechanisms:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..config import resolve_device
+
 UNITS = ("shape", "foreground", "background", "composite")
 
 
@@ -120,7 +122,7 @@ def cost_table(models: dict[str, object], device: torch.device | str = "cpu",
     (ratios = first model / second model for params and MACs, second / first for speed), and the
     settings}. Models are put in eval mode on `device`.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     for m in models.values():
         m.to(device).eval()  # type: ignore[attr-defined]
     rows = []

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import set_threads
 from ..errors import SkdcgnError
+from ..images import check_images
 from ..io import sha256_file, verify_sha256, write_json
 from ..models.domain_net import DomainNet, DomainNetConfig
 from ..models.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_model
@@ -82,12 +84,16 @@ class DomainExtractor:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        return self.model.features(images)
+        """Features float32 [N, 64] of images [N, 3, 32, 32] in [-1, 1] (uint8 [0, 255] converted;
+        other ranges refused, `images.check_images`)."""
+        device = next(self.model.parameters()).device
+        return self.model.features(check_images(images, "domain-net images").to(device))
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 512) -> Tensor:
-        """Digit predictions [N] (on the CPU)."""
+        """Digit predictions int64 [N] (on the CPU) of images as for `__call__`."""
         device = next(self.model.parameters()).device
+        images = check_images(images, "domain-net images")
         return torch.cat([self.model(x.to(device)).argmax(1).cpu() for x in images.split(batch_size)])
 
     def to(self, device: torch.device | str) -> "DomainExtractor":
@@ -184,7 +190,7 @@ def train_domain_net(cfg: DomainTrainConfig, out: str | Path, log=print) -> dict
     from ..data import load_variant_uint8
 
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     var_x, var_y, var_t = [], [], []

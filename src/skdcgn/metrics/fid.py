@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import resolve_device
 from ..errors import SkdcgnError
+from ..images import check_images
 from ..io import load_tensors, save_tensors, verify_sha256
 
 
@@ -49,15 +51,16 @@ def extract_features(extractor: FeatureExtractor, images: Tensor | Iterable[Tens
                      batch_size: int = 256, device: torch.device | str | None = None) -> np.ndarray:
     """Features of a tensor of images (batched here) or of an iterable of image batches.
 
-    Returns float32 [N, dim] on the CPU.
+    `images`: [N, 3, H, W], float in [-1, 1] or uint8 [0, 255] (converted); anything else is
+    refused (`images.check_images`). Returns float32 [N, dim] on the CPU.
     """
-    device = torch.device(device) if device is not None else _extractor_device(extractor)
+    device = resolve_device(device) if device is not None else _extractor_device(extractor)
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
     out = []
     for x in batches:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise SkdcgnError(f"{extractor.name}: expected images [N, 3, H, W], got {list(x.shape)}")
-        out.append(extractor(x.to(device, torch.float32)).float().cpu())
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise SkdcgnError(f"{extractor.name}: expected images [N, 3, H, W], got {list(getattr(x, 'shape', []))}")
+        out.append(extractor(check_images(x, f"{extractor.name} images").to(device)).float().cpu())
     if not out:
         return np.zeros((0, extractor.dim), np.float32)
     return torch.cat(out).numpy()
@@ -283,7 +286,8 @@ class InceptionExtractor:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
-        x = ((images.float() + 1) * 127.5).clamp(0, 255).round() / 255
+        """pool3 features float32 [N, 2048] of images [N, 3, H, W] in [-1, 1] (uint8 converted)."""
+        x = ((check_images(images, "Inception images") + 1) * 127.5).clamp(0, 255).round() / 255
         if x.shape[-2:] != (299, 299):
             x = tf_bilinear_resize(x, 299, 299)
         lo, hi = INCEPTION_INPUT_RANGE
@@ -366,7 +370,7 @@ def load_inception_extractor(device: torch.device | str = "cpu",
     path = verify_sha256(inception_weights_path(), INCEPTION_SHA256, f"Inception weights of {INCEPTION_PACKAGE} 0.1.3",
                          "reinstall 'skdcgn[fid]'")
     try:
-        model = torch.jit.load(str(path), map_location=torch.device(device))
+        model = torch.jit.load(str(path), map_location=resolve_device(device))
     except (RuntimeError, OSError) as e:
         raise SkdcgnError(f"{path}: could not load the Inception network ({str(e).splitlines()[0][:200]})") from None
     weight = None

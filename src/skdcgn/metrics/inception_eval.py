@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import resolve_device
 from ..errors import SkdcgnError
 from .fid import extract_features, fid, fid_kid, inception_score, kid, softmax_probs
 
@@ -106,7 +107,7 @@ def cgn_features(cgn, n: int, extractor, batch_size: int = 50, seed: int = 0, de
     """
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
+    device = resolve_device(device)
     joined = _WithLogits(extractor, classifier)
     g = torch.Generator().manual_seed(int(seed))
     labels = draw_labels(n, cgn.n_classes, classes, g)
@@ -184,7 +185,7 @@ def evaluate_against_teacher(teacher, students, n: int = 50_000, extractor=None,
         raise SkdcgnError(f"batch_size must be positive, got {batch_size}")
     for name, s in students.items():
         check_same_inputs(teacher, s, name)
-    device = torch.device(device)
+    device = resolve_device(device)
     if extractor is None:
         from .fid import load_inception_extractor
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SkdcgnError
+from ..images import render_mask  # noqa: F401  (re-exported: masks are rendered for the digit reader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,6 @@ class MaskHealthThresholds:
     max_area: float = 0.6
     min_binariness: float = 0.5
     min_readable: float = 0.5
-
-
-def render_mask(mask: Tensor) -> Tensor:
-    """[N, 1, H, W] in [0, 1] → a white digit on black, [N, 3, H, W] in [-1, 1]."""
-    return (2 * mask - 1).expand(-1, 3, -1, -1)
 
 
 @torch.no_grad()

@@ -82,7 +82,7 @@ class TeacherMechanism(PretrainedModel):
         self.net = nn.Sequential(*layers)
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
-        out = self.net(torch.cat([u, self.label_emb(y)], dim=1))
+        out = self.net(torch.cat([self.as_input(u), self.label_emb(y)], dim=1))
         if self.config.mechanism == "shape":
             out = out.clamp(1e-4, 0.9999)  # instance-normed logits, clamped into a mask
         return out

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..config import config_from_dict
 from ..errors import SkdcgnError
-from ..io import check_state_dict, load_tensors, read_json, save_tensors, write_json
+from ..io import check_state_dict, load_tensors, read_json, save_tensors, strip_wrapper_prefix, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,6 +40,18 @@ class PretrainedModel(nn.Module):
 
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the weights (float32 unless the model was cast with
+        `.to(dtype)`, `.half()` or `.bfloat16()`)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def as_input(self, u: Tensor) -> Tensor:
+        """Noise `u` (any float dtype, any device) on this model's device and in its dtype: noise
+        is drawn in float32 on the CPU, so the same generator gives the same draws at any precision."""
+        p = next(self.parameters(), None)
+        return u.to(device=p.device if p is not None else u.device, dtype=self.dtype)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
@@ -66,7 +79,7 @@ def load_model(folder: str | os.PathLike) -> PretrainedModel:
         raise SkdcgnError(f"{folder / CONFIG_FILE}: 'config' must be an object")
     config = config_from_dict(cls.Config, meta["config"], str(folder / CONFIG_FILE))
     model = cls(config)
-    state = load_tensors(folder / WEIGHTS_FILE)
+    state = strip_wrapper_prefix(load_tensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
     check_state_dict(state, model.state_dict(), str(folder / WEIGHTS_FILE))
     model.load_state_dict(state)
     return model.eval()

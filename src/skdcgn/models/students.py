@@ -140,7 +140,7 @@ class StudentGenerator(PretrainedModel):
 
     def pre_activation(self, u: Tensor, y: Tensor) -> Tensor:
         """Logits of the output (before sigmoid / tanh): [N, C_out, S, S], S = image_size."""
-        cond = torch.cat([u, self.embed(y)], dim=1)            # [N, latent + embed]
+        cond = torch.cat([self.as_input(u), self.embed(y)], dim=1)  # [N, latent + embed]
         x = self.seed(cond).view(len(u), -1, 4, 4)             # [N, C4, 4, 4]
         x = x.contiguous(memory_format=torch.channels_last)    # oneDNN's fast layout for (depthwise) convs on CPU
         for block in self.blocks:

@@ -204,6 +204,7 @@ class ImageNetMechanism(PretrainedModel):
 
     def biggan_inputs(self, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         z = u if self.config.input_noise == "truncated" else truncate_normal(u, self.config.truncation)
+        z = self.as_input(z)  # truncated in float64 first: the same z at any precision
         return z, F.one_hot(y.long(), self.config.num_classes).to(z.dtype)   # [N, z_dim], [N, 1000]
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
