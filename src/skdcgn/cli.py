@@ -3,7 +3,8 @@
 Each command module in `skdcgn.commands` has `register(subparsers)`, which adds its parser and
 sets `func`. A `SkdcgnError` (or a failed write) becomes a one-line message and exit code 2;
 `--debug` shows the traceback instead. SIGTERM and SIGHUP stop a command like Ctrl-C does (a
-clean stop, exit code 128 + signal number, and the same command resumes).
+clean stop, exit code 128 + signal number, and the same command resumes), from the first
+instruction of `main` on.
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[list[int]]:
-    """While the block runs, SIGTERM (and SIGHUP) raise KeyboardInterrupt like SIGINT does.
+def _signals_as_interrupt() -> Iterator[list[int]]:
+    """While the block runs, SIGINT, SIGTERM and SIGHUP raise one KeyboardInterrupt, and any
+    further one is ignored.
 
     Every stage already stops cleanly on KeyboardInterrupt: an atomic write in progress is
-    discarded, no manifest is written, and the next run resumes from the last checkpoint. The
-    list yielded holds the number of the signal received (for the exit code, 128 + signal).
+    discarded, no manifest is written, and the next run resumes from the last checkpoint. A second
+    signal (Ctrl-C pressed twice) must not interrupt that clean-up, nor print a second traceback.
+    The list yielded holds the number of the signal received (for the exit code, 128 + signal).
     """
     received: list[int] = []
 
@@ -49,7 +52,7 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
         raise KeyboardInterrupt
 
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is None:
             continue
@@ -65,13 +68,43 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    with _terminate_as_interrupt() as received:
-        return _run(args, received)
+    """Run one command (`argv`, default `sys.argv[1:]`); return its exit code.
+
+    0: done; 2: bad input (one line `skdcgn: error: …` on stderr); 128 + N: stopped by signal N
+    (130 for Ctrl-C, 143 for SIGTERM), from the first instruction on: parsing the arguments and
+    importing a command's modules are covered too.
+    """
+    with _signals_as_interrupt() as received:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            return _run(args, received)
+        except KeyboardInterrupt:
+            return _interrupted(received)
+
+
+def console_main() -> None:
+    """The `skdcgn` console script: `main`, then exit. After an interrupt, further Ctrl-C are
+    ignored while the interpreter shuts down (atexit handlers), so none prints a traceback."""
+    code = main()
+    if code > 128:
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _interrupted(received: list[int]) -> int:
+    """The one line and the exit code (128 + signal) of a command stopped by a signal."""
+    _close_progress_bars()
+    sig = received[0] if received else signal.SIGINT
+    what = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+    print(f"skdcgn: {what}; run the same command again to resume", file=sys.stderr)
+    return 128 + sig
 
 
 def _close_progress_bars() -> None:
@@ -89,11 +122,7 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:
-        _close_progress_bars()
-        what = signal.Signals(received[0]).name if received else "interrupted"
-        print(f"skdcgn: {'stopped by ' + what if received else what}; run the same command again to resume",
-              file=sys.stderr)
-        return 128 + (received[0] if received else signal.SIGINT)
+        return _interrupted(received)
     except (SkdcgnError, OSError) as e:
         if args.debug:
             raise
@@ -105,4 +134,4 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
