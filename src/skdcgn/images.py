@@ -25,9 +25,16 @@ def to_float(images: Tensor) -> Tensor:
 
 
 def check_images(images: Tensor, what: str = "images", warn: bool = True) -> Tensor:
-    """Model images float32 [N, C, H, W] in [-1, 1] from `images` as a user may hand them over.
+    """Model images float32 [N, C, H, W] in [-1, 1] from `images` as a user may hand them over:
+    `validate_images`, then uint8 [0, 255] converted explicitly (`to_float`: 0 ↦ −1, 255 ↦ 1)."""
+    validate_images(images, what, warn)
+    return to_float(images)
 
-    - uint8 [0, 255] is converted explicitly (`to_float`: 0 ↦ −1, 255 ↦ 1).
+
+def validate_images(images: Tensor, what: str = "images", warn: bool = True) -> None:
+    """Check that `images` follow the convention, without converting them (no copy).
+
+    - uint8 is taken as [0, 255] (every value is legal).
     - floating point (any precision) must lie in [-1, 1] (± `RANGE_TOLERANCE`) and be finite;
       a batch that never goes below 0 warns (`SkdcgnWarning`): it looks like [0, 1] images, whose
       features would silently differ (the same test images give FID 10.3 in [0, 1] against their
@@ -40,13 +47,11 @@ def check_images(images: Tensor, what: str = "images", warn: bool = True) -> Ten
         raise SkdcgnError(f"{what}: expected a tensor [N, C, H, W], got {type(images).__name__}")
     if images.ndim != 4:
         raise SkdcgnError(f"{what}: expected images [N, C, H, W], got shape {list(images.shape)}")
-    if images.dtype == torch.uint8:
-        return to_float(images)
+    if images.dtype == torch.uint8 or images.numel() == 0:
+        return
     if not images.is_floating_point():
         raise SkdcgnError(f"{what}: expected uint8 [0, 255] or float images in [-1, 1], got {images.dtype}")
-    if images.numel() == 0:
-        return images.float()
-    lo, hi = (v.item() for v in torch.aminmax(images.detach().float()))
+    lo, hi = (v.item() for v in torch.aminmax(images.detach()))
     if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
         raise SkdcgnError(f"{what}: contains NaN or infinite values")
     if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
@@ -55,7 +60,6 @@ def check_images(images: Tensor, what: str = "images", warn: bool = True) -> Ten
     if warn and lo >= 0:
         warnings.warn(f"{what}: no value below 0 in this batch; skdcgn expects images in [-1, 1] "
                       "(map [0, 1] images with x * 2 - 1)", SkdcgnWarning, stacklevel=3)
-    return images.float()
 
 
 def render_mask(mask: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .config import resolve_device
 from .counterfactuals import derive_seed
-from .images import check_images, to_float
+from .images import to_float, validate_images
 from .errors import SkdcgnError
 from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_csv, write_manifest
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
@@ -72,7 +72,7 @@ def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10, check_range
     if images.dtype not in (torch.uint8, torch.float32):
         raise SkdcgnError(f"images: expected uint8 or float32 (in [-1, 1]), got {images.dtype}")
     if check_range:
-        check_images(images)  # float images outside [-1, 1] are refused, [0, 1]-looking ones warn
+        validate_images(images)  # float images outside [-1, 1] are refused, [0, 1]-looking ones warn
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (len(images),):
         raise SkdcgnError(f"labels: expected int64 [{len(images)}], got {getattr(labels, 'dtype', None)} "
                           f"{list(getattr(labels, 'shape', []))}")
@@ -293,7 +293,7 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Te
     (other ranges and dtypes refused: `images.check_images`)."""
     classifier.eval()
     device = next(classifier.parameters()).device
-    check_images(images[:0] if images.dtype == torch.uint8 else images)
+    validate_images(images)
     preds = [classifier(to_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
              for i in range(0, len(images), batch_size)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
