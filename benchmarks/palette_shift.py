@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from skdcgn import load_cgn, load_classifier
-from skdcgn.bench import hardware_info
+from skdcgn.results.records import format_mean_std, hardware_info, mean_std
 from skdcgn.data import load_variant_uint8
 from skdcgn.data import variants as V
 from skdcgn.invariance import evaluate
 from skdcgn.io import write_bytes
 from skdcgn.metrics.palette import cgn_palette
-from skdcgn.pipeline import format_mean_std, mean_std, table_rows
+from skdcgn.results.render import table_rows
 
 COLOUR_VARIANTS = ("colored", "double_colored")
 

@@ -202,7 +202,8 @@ def test_mask_health_flags_broken_classes():
 
 
 def test_bench_results_merge_runs_and_render(tmp_path):
-    from skdcgn.bench import hardware_info, write_results
+    from skdcgn.results.records import hardware_info
+    from skdcgn.results.render import write_results
 
     t = _random_teacher()
     cost = cost_table({"teacher": t}, "cpu", batch_sizes=(1, 2), units=("shape", "composite"),
@@ -220,7 +221,7 @@ def test_bench_results_merge_runs_and_render(tmp_path):
 
 
 def test_imagenet_bench_table_renders_a_record_read_back_from_json(tmp_path):
-    from skdcgn.bench import render_imagenet
+    from skdcgn.results.render import render_imagenet
     from skdcgn.io import read_json, write_json
 
     rows = [{"unit": "composite", "model": m, "params": p, "macs_per_image": 1e9 * p, "images_per_s": {1: s}}

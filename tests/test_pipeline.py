@@ -8,7 +8,7 @@ import pytest
 
 from skdcgn.cli import main
 from skdcgn.io import read_json
-from skdcgn.pipeline import ROWS
+from skdcgn.results.records import ROWS
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,8 @@ def test_picked_rows_leave_out_the_presets_study_rows_unless_composers_are_given
 def test_summaries_combine_the_records_of_one_protocol_cell_by_cell():
     import dataclasses
 
-    from skdcgn.pipeline import RunConfig, render_summaries
+    from skdcgn.pipeline import RunConfig
+    from skdcgn.results.render import render_summaries
 
     def record(key, variant, rows, seeds, date, mean, **cfg):
         config = {**dataclasses.asdict(RunConfig(distill_preset="default", **cfg)), "rows": list(rows), "seeds": seeds}

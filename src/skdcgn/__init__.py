@@ -5,7 +5,7 @@ command line, which must answer Ctrl-C from its first instruction) does not wait
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = ["__version__", "load_cgn", "load_classifier"]
 
 

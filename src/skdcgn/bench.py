@@ -23,18 +23,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import __version__
-from .config import resolve_device, set_threads, usable_cpus
+from .config import resolve_device, set_threads
 from .errors import SkdcgnError
-from .io import read_json, write_bytes, write_json
+from .io import read_json, write_json
+from .results.records import hardware_info
+from .results.render import write_results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,25 +86,6 @@ def register_section(name: str, hook: SectionHook) -> None:
 
 
 # ---- environment --------------------------------------------------------------------------------
-
-def hardware_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = usable_cpus()
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": usable, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "skdcgn": __version__, "device": str(device), "gpu": None}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # ---- quality ------------------------------------------------------------------------------------
@@ -244,180 +224,7 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
     return record
 
 
-def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> list[str]:
-    """Merge `record` into the JSON twin of `out` (by its key) and re-render the markdown.
-
-    supersedes(old) -> True drops an older record that `record` makes redundant; returns their keys."""
-    out = Path(out)
-    twin = out.with_suffix(".json")
-    runs: dict = {}
-    if twin.is_file():
-        try:
-            runs = read_json(twin).get("runs", {})
-        except SkdcgnError:
-            runs = {}  # a broken twin is replaced, not trusted
-        if not isinstance(runs, dict):
-            runs = {}
-    dropped = [k for k, r in runs.items() if supersedes is not None and k != record["key"] and supersedes(r)]
-    runs = {k: r for k, r in runs.items() if k not in dropped}
-    runs[record["key"]] = record
-    doc = {"skdcgn_version": __version__, "runs": dict(sorted(runs.items()))}
-    write_json(twin, doc)
-    write_bytes(out, render_markdown(doc).encode())
-    return dropped
-
-
 # ---- markdown -----------------------------------------------------------------------------------
-
-def _n(x: float | int | None, digits: int = 0) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:,.{digits}f}"
-
-
-def _macs(x: int) -> str:
-    return f"{x / 1e6:,.2f} M"
-
-
-def _ratio(x: float) -> str:
-    return f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
-
-
-def render_markdown(doc: dict) -> str:
-    lines = ["# skdcgn results", "",
-             "Written by `skdcgn bench` and `skdcgn run --record`; do not edit by hand. Every number in the README "
-             "comes from here; its accuracy tables are copied from the summaries.",
-             "The JSON twin (`results.json`) holds the same numbers, unrounded.", ""]
-    from .pipeline import render_summaries
-
-    lines += render_summaries(doc["runs"])
-    for key, rec in doc["runs"].items():
-        lines += render_run(rec)
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def render_run(rec: dict) -> list[str]:
-    if rec.get("kind") == "pipeline":  # recorded by `skdcgn run --record`
-        from .pipeline import render_record
-
-        return render_record(rec)
-    hw = rec["hardware"]
-    L = [f"## Run `{rec['key']}`", "",
-         f"- command: `{rec['command']}`",
-         f"- date: {rec['date']}; skdcgn {hw['skdcgn']}; torch {hw['torch']}; Python {hw['python']}",
-         f"- hardware: {hw['cpu']}, {hw['cpus_usable']} usable cores of {hw['cpu_count']}, "
-         f"{hw['torch_threads']} torch threads" + (f"; GPU {hw['gpu']} (CUDA {hw.get('cuda')})" if hw.get("gpu") else "; no GPU used"),
-         f"- teacher: `{rec['teacher']}`; students: " + (f"`{rec['students']}`" if rec["students"] else "none")
-         + (f" (distilled by this run, finished stages reused: {rec['distill_seconds']:.0f} s)" if rec.get("distill_seconds") else ""),
-         f"- wall time: {rec.get('seconds', 0):.0f} s", ""]
-    L += _render_cost(rec["cost"])
-    if rec.get("quality"):
-        L += _render_quality(rec["quality"])
-    for section in rec.get("sections", {}).values():
-        L += [f"### {section['title']}", "", section["markdown"].rstrip(), ""]
-    return L
-
-
-def _render_cost(cost: dict) -> list[str]:
-    bs = cost["batch_sizes"]
-    rows = cost["rows"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    L = [f"### Cost ({cost['device']}, {cost['threads']} threads)", "",
-         f"MACs: torch's FLOP counter (FLOPs / 2; convolutions and matmuls). images/s: median of "
-         f"{cost['repeats']} timed repeats after {cost['warmup']} warm-up calls, teacher and student interleaved. "
-         "`composite` = `CGN.sample` (three mechanisms, noise, texture shift, composition)."
-         + (f" **ratio** rows: {' ÷ '.join(models)} for params and MACs (how many times smaller), "
-            f"{' ÷ '.join(reversed(models))} for images/s (speed-up; below 1 means slower)." if len(models) == 2 else ""),
-         ""]
-    head = ["unit", "model", "params", "MACs / image"] + [f"img/s @ {b}" for b in bs]
-    has_mem = any(v is not None for r in rows for v in r["peak_memory_bytes"].values())
-    if has_mem:
-        head.append(f"peak MiB @ {bs[-1]}")
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_unit: dict[str, list[dict]] = {}
-    for r in rows:
-        by_unit.setdefault(r["unit"], []).append(r)
-    ratios = {r["unit"]: r for r in cost.get("ratios", [])}
-    for unit, rs in by_unit.items():
-        for r in rs:
-            cells = [unit, r["model"], _n(r["params"]), _macs(r["macs_per_image"])]
-            cells += [_n(r["images_per_s"][_k(r["images_per_s"], b)]) for b in bs]
-            if has_mem:
-                v = r["peak_memory_bytes"][_k(r["peak_memory_bytes"], bs[-1])]
-                cells.append("n/a" if v is None else f"{v / 2**20:,.1f}")
-            L.append("| " + " | ".join(cells) + " |")
-        if unit in ratios and len(models) == 2:
-            q = ratios[unit]
-            cells = [unit, "**ratio**", f"**{_ratio(q['params'])}**", f"**{_ratio(q['macs'])}**"]
-            cells += [f"**{_ratio(q['speed'][_k(q['speed'], b)])}**" for b in bs]
-            if has_mem:
-                cells.append("")
-            L.append("| " + " | ".join(cells) + " |")
-    if not has_mem:
-        L += ["", "Peak memory: n/a on CPU (no reliable per-call measure; see `skdcgn.metrics.cost`)."]
-    return L + [""]
-
-
-def _k(d: dict, b: int):
-    """JSON turns int keys into strings; accept both."""
-    return b if b in d else str(b)
-
-
-def _render_quality(q: dict) -> list[str]:
-    L = ["### Quality: FID / KID in the domain network's feature space", "",
-         f"{q['feature_space']}. {q['n_per_set']:,} images per set, classes balanced; real = `{q['real']}` "
-         f"(the domain network reads its digits with accuracy {q['domain_net_accuracy_on_real']:.3f}). "
-         f"KID: unbiased MMD² (cubic kernel), mean ± std over {q['kid_subsets']} subsets of {q['kid_subset_size']}, "
-         "shown × 10³. intra-FID: mean over classes of the per-class FID. The teacher-vs-teacher row "
-         "(another seed) is the floor that finite samples give: a perfect student reaches it, not 0. "
-         "Masks are rendered as white digits on black.", "",
-         "| output | pair | FID | KID × 10³ | intra-FID |", "|---|---|---|---|---|"]
-    for r in q["rows"]:
-        L.append(f"| {r['unit']} | {r['pair']} | {r['fid']:.3f} | {r['kid'] * 1e3:.3f} ± {r['kid_std'] * 1e3:.3f} | "
-                 f"{_n(r['intra_fid']['mean'], 3)} |")
-    comp = [r for r in q["rows"] if r["unit"] == "composite"]
-    if comp:
-        classes = list(comp[0]["intra_fid"]["per_class"])
-        L += ["", "Per-class FID of composites (intra-FID's terms):", "",
-              "| pair | " + " | ".join(str(c) for c in classes) + " |", "|---|" + "---|" * len(classes)]
-        for r in comp:
-            pc = r["intra_fid"]["per_class"]
-            L.append(f"| {r['pair']} | " + " | ".join(_n(pc[c], 2) for c in classes) + " |")
-    L += [""] + _render_masks(q["mask_health"])
-    return L
-
-
-def _render_masks(health: dict) -> list[str]:
-    names = list(health)
-    first = health[names[0]]
-    t = first["thresholds"]
-    L = ["### Mask health per class", "",
-         "area: mean mask value; binary: 1 − mean 4·m·(1 − m); soft: fraction of pixels in (0.1, 0.9); "
-         "read: fraction of masks (as white digits on black) that the domain network reads as the intended "
-         f"digit. Flags: empty (area < {t['min_area']}), full (area > {t['max_area']}), blurry "
-         f"(binary < {t['min_binariness']}), wrong_digit (read < {t['min_readable']}).", ""]
-    head = ["class"] + [f"{n} {c}" for n in names for c in ("area", "binary", "soft", "read", "flags")]
-    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    per = {n: {r["class"]: r for r in health[n]["per_class"]} for n in names}
-    for k in sorted(per[names[0]]):
-        cells = [str(k)]
-        for n in names:
-            r = per[n].get(k)
-            cells += (["–"] * 5 if r is None else
-                      [f"{r['area']:.3f}", f"{r['binariness']:.3f}", f"{r['soft_fraction']:.3f}", f"{r['readable']:.2f}",
-                       ", ".join(r["flags"]) or "ok"])
-        L.append("| " + " | ".join(cells) + " |")
-    cells = ["mean"]
-    for n in names:
-        m = health[n]["mean"]
-        cells += [f"{m['area']:.3f}", f"{m['binariness']:.3f}", f"{m['soft_fraction']:.3f}", f"{m['readable']:.2f}",
-                  f"{len(health[n]['flagged'])} flagged"]
-    L.append("| " + " | ".join(cells) + " |")
-    return L + [""]
-
-
-def command_line() -> str:
-    return "skdcgn " + " ".join(sys.argv[1:])
 
 
 # ---- ImageNet track: full-size random-weight CGN-ImageNet teacher vs 256-px students -----------
@@ -474,25 +281,3 @@ def run_imagenet_bench(device: str = "cpu", batch_sizes: tuple[int, ...] = (1,),
     return record
 
 
-def render_imagenet(record: dict) -> str:
-    """A markdown table of one `run_imagenet_bench` record."""
-    cost = record["cost"]
-    b = cost["batch_sizes"]
-    lines = ["| unit | model | params | MACs / image | " + " | ".join(f"images/s (batch {x})" for x in b) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(b)]
-    for r in cost["rows"]:
-        macs = r["macs_per_image"]
-        lines.append(f"| {r['unit']} | {r['model']} | {r['params']:,} | "
-                     f"{f'{macs / 1e9:,.1f} G' if macs >= 1e9 else f'{macs / 1e6:,.0f} M'} | "
-                     + " | ".join(f"{_at_batch(r['images_per_s'], x):.3g}" for x in b) + " |")
-    lines += ["", "| unit | params ratio | MACs ratio | " + " | ".join(f"speed-up (batch {x})" for x in b) + " |",
-              "|---|---:|---:|" + "---:|" * len(b)]
-    for r in cost["ratios"]:
-        lines.append(f"| {r['unit']} | {r['params']:.1f}× | {r['macs']:.0f}× | "
-                     + " | ".join(f"{_at_batch(r['speed'], x):.1f}×" for x in b) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _at_batch(values: dict, batch: int) -> float:
-    """A per-batch-size value; JSON turns the int keys of a record read back from disk into strings."""
-    return values[batch] if batch in values else values[str(batch)]

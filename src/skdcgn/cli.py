@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Iterator
 
-from . import __version__
+from ._version import __version__
 from .errors import SkdcgnError
 
 COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order

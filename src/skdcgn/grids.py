@@ -64,3 +64,20 @@ def stack_grids(grids: Sequence[Image.Image], gap: int = 8) -> Image.Image:
         canvas.paste(g, (x, 0))
         x += g.width + gap
     return canvas
+
+
+def counterfactual_grids(cgn, seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """Two pictures of a CGN (teacher, students or any mix: anything with `n_classes` and `sample`):
+    a n × n grid of composites (shape class by column, texture/background class by row), and a
+    grid of n masks, foregrounds, backgrounds and composites (one per class), from `seed`."""
+    n = cgn.n_classes
+    g = torch.Generator().manual_seed(seed)
+    y_shape = torch.arange(n).repeat(n)
+    y_tex = torch.arange(n).repeat_interleave(n)
+    x = cgn.sample(y_shape, y_tex, y_tex, generator=g)[3]
+    classes = [str(i) for i in range(n)]
+    cf = image_grid(x, n, row_labels=classes, col_labels=classes, title="shape class → (columns); texture class ↓ (rows)")
+    m, f, b, x = cgn.sample(torch.arange(n), generator=g)
+    mech = stack_grids([image_grid(t, 1, title=name) for name, t in
+                        (("mask", m), ("fg", f), ("bg", b), ("x", x))], gap=2)
+    return cf, mech

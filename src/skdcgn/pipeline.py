@@ -27,8 +27,9 @@ from .config import resolve_device, set_threads
 from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
 from .io import config_hash, read_json, stage_complete, write_json, write_manifest
-
-ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
+from .results.records import ROWS, command_line, data_build, hardware_info, mean_std
+from .results.render import write_results
+from .results.report import write_run_report
 
 
 @dataclasses.dataclass
@@ -109,7 +110,6 @@ def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
     summary = {"config": dataclasses.asdict(config), "data_build": BUILD_VERSION, "results": results,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(run_dir / "results.json", summary)
-    from .report import write_run_report
 
     write_run_report(run_dir, summary)
     return summary
@@ -121,7 +121,7 @@ def _say(progress: bool, text: str) -> None:
 
 
 def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True) -> dict:
-    from . import load_cgn
+    from .api import load_cgn
     from .counterfactuals import generate_counterfactuals, load_image_dataset
     from .distill.trainer import distill, preset as distill_preset
     from .invariance import data_hash, load_variant_split
@@ -285,48 +285,10 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
     return acc
 
 
-def mean_std(accs: list[dict]) -> dict:
-    """Per key of the accuracy dicts (fractions): mean and sample std in %, and n."""
-    out = {}
-    for split in accs[0]:
-        vals = [100.0 * a[split] for a in accs]
-        out[split] = {"mean": round(statistics.fmean(vals), 2),
-                      "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0, "n": len(vals)}
-    return out
-
-
-def table_rows(results: dict) -> list[str]:
-    """The rows present in `results`, in the table's order (JSON files keep keys sorted)."""
-    names = {r for v in results.values() for r in v["table"]}
-    order = [*ROWS, *(f"study_{c}" for c in COMPOSERS)]
-    return [r for r in order if r in names] + sorted(names - set(order))
-
-
-def format_table(summary: dict) -> str:
-    """The accuracy table (markdown): one row per training set, train / test (OOD) / test_iid per variant."""
-    results = summary["results"]
-    variants = list(results)
-    rows = table_rows(results)
-    head = "| trained on | " + " | ".join(f"{v}: train / test (OOD) / test_iid" for v in variants) + " |"
-    lines = [head, "|---|" + "---|" * len(variants)]
-    for row in rows:
-        cells = []
-        for v in variants:
-            acc = results[v]["table"].get(row)
-            if acc is None:
-                cells.append("–")
-                continue
-            cells.append(" / ".join(format_mean_std(acc[s]) for s in ("train", "test", "test_iid")))
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def record_results(out: str | Path, run_dir: str | Path, summary: dict, preset: str) -> list[str]:
     """Add this run's table to `out` (docs/results.md) and its JSON twin, keyed by preset and variants;
     return the keys of the records it replaces (its row subsets)."""
     import datetime as _dt
-
-    from .bench import command_line, hardware_info, write_results
 
     device = resolve_device(summary["config"]["device"])
     key = record_key(summary, preset) + ("" if device.type == "cpu" else f"-{device.type}")  # GPU runs beside CPU ones
@@ -351,16 +313,6 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
 
 
-def data_build(rec: dict) -> int:
-    """The variants' data build a record was measured on (records from before builds were kept: 1)."""
-    return int(rec.get("data_build", 1))
-
-
-def _build_text(build: int) -> str:
-    return f"data build {build}" + (" (digits resized bilinearly; later builds resize as the authors' loaders)"
-                                    if build == 1 else "")
-
-
 def record_key(summary: dict, preset: str) -> str:
     """The results-file key of a run: preset, variants, and what differs from the preset's defaults."""
     cfg = summary["config"]
@@ -377,99 +329,4 @@ def record_key(summary: dict, preset: str) -> str:
     key += "-trained-teacher" if cfg["teacher"] == "train" else ""
     return key + (f"-data{data_build(summary)}" if data_build(summary) != 1 else "")  # beside the earlier builds' records
 
-
-# what does not change a classifier's accuracy (beyond run-to-run noise) or is what a summary combines
-_SUMMARY_FREE = ("variants", "rows", "composers", "seeds", "threads", "device", "students")
-
-
-def render_summaries(runs: dict) -> list[str]:
-    """One table per protocol (preset, settings, device type) recorded more than once: for each
-    variant and row, the record with the most seeds (the latest among equals). The README's tables
-    are copied from these."""
-    groups: dict[tuple, list[dict]] = {}
-    for rec in runs.values():
-        if rec.get("kind") == "pipeline":
-            cfg = {k: v for k, v in rec["config"].items() if k not in _SUMMARY_FREE}
-            preset = rec["key"].split("-")[1]
-            groups.setdefault((preset, rec["hardware"]["device"], data_build(rec), config_hash(cfg)), []).append(rec)
-    lines = []
-
-    def newest_build_first(group: tuple) -> tuple:
-        preset, device, build, _ = group[0]
-        return preset, device, -build
-
-    for (preset, device, build, _), recs in sorted(groups.items(), key=newest_build_first):
-        if len(recs) < 2:
-            continue
-        best: dict[tuple[str, str], tuple[dict, str]] = {}
-        for rec in sorted(recs, key=lambda r: r["date"]):
-            for v, res in rec["results"].items():
-                for row, acc in res["table"].items():
-                    if (v, row) not in best or acc["test"]["n"] >= best[(v, row)][0]["test"]["n"]:
-                        best[(v, row)] = (acc, rec["key"])
-        variants = [v for v in VARIANTS if any(key[0] == v for key in best)]
-        rows = table_rows({v: {"table": {row: None for (w, row) in best if w == v}} for v in variants})
-        lines += [f"## Summary: `{preset}` preset on {device}, data build {build}", "",
-                  f"- settings: {_settings_text(recs[0]['config'], 'earlier runs' if recs[0]['config'].get('students') else None)}"
-                  f"; {_build_text(build)}",
-                  "- each cell: the record with the most seeds for it (n = seeds); from "
-                  + ", ".join(f"`{k}`" for k in sorted({key for _, key in best.values()})), "",
-                  "OOD test accuracy (%), mean ± std (n):", "",
-                  "| trained on | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-        for row in rows:
-            cells = [f"{format_mean_std(best[(v, row)][0]['test'])} ({best[(v, row)][0]['test']['n']})" if (v, row) in best else "–"
-                     for v in variants]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines
-
-
-def _settings_text(cfg: dict, students_from: str | None = None) -> str:
-    students_from = students_from or (f"`{cfg['students']}`" if cfg.get("students") else None)
-    return (f"teacher {cfg['teacher']}, students `{cfg['distill_preset']}`"
-            + (f" (reused from {students_from})" if students_from else "") + f", {cfg['n_counterfactuals']:,} "
-            f"images per counterfactual set ({cfg['per_shape']} per shape), classifier `{cfg['classifier_arch']}`, "
-            f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
-            + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
-            + f", accuracy on {cfg['eval_examples']:,} images per split")
-
-
-def render_record(rec: dict) -> list[str]:
-    """The markdown of a recorded run (see `record_results`)."""
-    hw = rec["hardware"]
-    cfg = rec["config"]
-    lines = [f"## Invariant classifiers: `{rec['key']}`", "",
-             f"- command: `{rec['command']}` (run folder `{rec['run_dir']}`)",
-             f"- date: {rec['date']}; skdcgn {hw['skdcgn']}; torch {hw['torch']}; hardware: {hw['cpu']}, "
-             f"{hw['cpus_usable']} usable cores, {hw['torch_threads']} torch threads"
-             + (f"; GPU {hw['gpu']}" if hw.get("gpu") else "; no GPU"),
-             f"- settings: {_settings_text(cfg)}; {cfg['seeds']} seed(s); {_build_text(data_build(rec))}",
-             f"- wall time of the recording invocation: {rec['seconds']:.0f} s" + _stage_time_text(rec), "",
-             "Accuracy (%), train / test (out of distribution) / test_iid:", "", format_table(rec), ""]
-    curves = {(v, row): r["test_by_epoch"][row] for v, r in rec["results"].items()
-              for row in table_rows(rec["results"]) if row in r.get("test_by_epoch", {})}
-    if curves:  # is the last epoch (the table) representative of the run?
-        n = max(len(c["mean"]) for c in curves.values())
-        lines += ["OOD test accuracy (%) after each epoch (mean over the monitored seeds; the table reports "
-                  "the last epoch):", "",
-                  "| variant | trained on | seeds | " + " | ".join(str(e + 1) for e in range(n)) + " | best − last |",
-                  "|---|---|---|" + "---|" * (n + 1)]
-        for (v, row), c in curves.items():
-            m = c["mean"]
-            lines.append(f"| {v} | {row} | {', '.join(map(str, c['seeds']))} | "
-                         + " | ".join([f"{a:.1f}" for a in m] + ["–"] * (n - len(m))) + f" | {max(m) - m[-1]:.1f} |")
-        lines.append("")
-    return lines
-
-
-def _stage_time_text(rec: dict) -> str:
-    """Stage compute times from the artifacts (runs recorded before they were kept have none)."""
-    parts = [f"{v}: students {t['students']:.0f} s, counterfactual sets {t['counterfactuals']:.0f} s, "
-             f"classifiers {t['classifiers']:.0f} s" for v, r in rec["results"].items() if (t := r.get("stage_seconds"))]
-    return "; stage compute times from the artifacts (over all invocations): " + "; ".join(parts) if parts else ""
-
-
-def format_mean_std(a: dict) -> str:
-    """'93.1 ± 0.7', or '93.1' for a single value."""
-    return f"{a['mean']:.1f}" + (f" ± {a['std']:.1f}" if a["n"] > 1 else "")
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from .compose import compose
 from .config import config_from_dict, resolve_device, set_threads
+from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
 from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
@@ -64,7 +65,6 @@ from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
 
-VARIANTS = ("colored", "double_colored", "wildlife")
 STAGE = "teacher"
 LOSS_COLUMNS = ("step", "seconds", "loss_d", "d_real", "d_fake", "adv", "binary", "mask_prior", "texture", "mask_mean")
 # Fields that may change between a checkpoint and its resumption (they do not alter the math).
@@ -313,8 +313,7 @@ def _stage_config(variant: str, config: TeacherTrainConfig) -> dict:
 
 
 def _write_grids(cgn: CGN, folder: Path, stem: str) -> None:
-    from .commands.teacher import counterfactual_grids
-    from .grids import save_png, stack_grids
+    from .grids import counterfactual_grids, save_png, stack_grids
 
     was_training = cgn.training
     cf, mech = counterfactual_grids(cgn.eval(), seed=0)

@@ -28,10 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench import command_line, run_bench
+    from ..bench import run_bench
+    from ..results.records import command_line
 
     if args.imagenet:
-        from ..bench import render_imagenet, run_imagenet_bench
+        from ..bench import run_imagenet_bench
+        from ..results.render import render_imagenet
 
         print(render_imagenet(run_imagenet_bench(args.device, tuple(args.batch_sizes), threads=args.threads)))
         return 0

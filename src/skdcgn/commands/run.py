@@ -6,7 +6,8 @@ import argparse
 import time
 
 from ..config import add_config_arguments, config_from_args, load_yaml
-from ..pipeline import PRESETS, ROWS, VARIANTS, RunConfig, format_table, run
+from ..pipeline import PRESETS, ROWS, VARIANTS, RunConfig, run
+from ..results.render import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +62,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def report_command(args: argparse.Namespace) -> None:
     from ..io import read_json
-    from ..report import write_run_report
+    from ..results.report import write_run_report
 
     out = write_run_report(args.run_dir, read_json(f"{args.run_dir}/results.json"))
     print(f"wrote {out}")

@@ -4,11 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..api import load_cgn
-from ..grids import image_grid, save_png, stack_grids
-from ..models.cgn import CGN
+from ..grids import counterfactual_grids, save_png
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,21 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(t, TeacherTrainConfig)
     t.set_defaults(func=train_command)
-
-
-def counterfactual_grids(cgn: CGN, seed: int = 0):
-    """(10 × 10 composites: shape class by column, texture/background class by row; mechanism grid)."""
-    n = cgn.n_classes
-    g = torch.Generator().manual_seed(seed)
-    y_shape = torch.arange(n).repeat(n)
-    y_tex = torch.arange(n).repeat_interleave(n)
-    _, _, _, x = cgn.sample(y_shape, y_tex, y_tex, generator=g)
-    classes = [str(i) for i in range(n)]
-    cf = image_grid(x, n, row_labels=classes, col_labels=classes, title="shape class → (columns); texture class ↓ (rows)")
-    m, f, b, x = cgn.sample(torch.arange(n), generator=g)
-    mech = stack_grids([image_grid(t, 1, title=name) for name, t in
-                        (("mask", m), ("fg", f), ("bg", b), ("x", x))], gap=2)
-    return cf, mech
 
 
 def sample_command(args: argparse.Namespace) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SkdcgnError
 from ..images import to_float
 from ..io import cache_dir, config_hash, load_tensors, save_tensors

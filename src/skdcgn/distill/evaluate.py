@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +19,15 @@ from ..io import MANIFEST, read_json, write_json
 from ..models.cgn import CGN, MECHANISMS
 from ..models.pretrained import load_model
 
-if TYPE_CHECKING:
-    from .trainer import DistillConfig
-
 EVAL_FILE = "eval.json"
+
+
+class EvalSettings(Protocol):
+    """What the evaluation reads of a distillation config (`trainer.DistillConfig` has it)."""
+
+    n_eval: int      # samples per mechanism for held-out L1 / IoU
+    eval_seed: int   # seed of those samples and of the grids
+    benchmark: bool  # also time teacher and students
 
 
 def mask_iou(a: Tensor, b: Tensor, threshold: float = 0.5) -> Tensor:
@@ -70,7 +75,7 @@ def composites_per_second(cgn: CGN, batch_size: int = 256, repeats: int = 5) -> 
 
 
 @torch.no_grad()
-def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: DistillConfig,
+def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: EvalSettings,
                           mechanisms: Sequence[str] = MECHANISMS, timings: dict | None = None) -> dict:
     """Compare each student in `mechanisms` (and, when all three exist, their composites) with
     the teacher; merge the result into `run_dir/distill/eval.json` and return it."""
@@ -135,7 +140,7 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
     return result
 
 
-def _evaluation_inputs(out_dir: Path, config: DistillConfig, device: torch.device) -> dict:
+def _evaluation_inputs(out_dir: Path, config: EvalSettings, device: torch.device) -> dict:
     """What an evaluation depends on: each finished student (its manifest's hash names its config,
     transfer set and hence teacher), the held-out draw and, for the speed numbers, where they ran."""
     students = {}

@@ -52,6 +52,7 @@ from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
+from .evaluate import evaluate_distillation
 from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher
 
 CHECKPOINT = "checkpoint.pt"
@@ -240,8 +241,6 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
             timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
     if not evaluate or not env.is_main:
         return {}
-    from .evaluate import evaluate_distillation
-
     result = evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
     remove_stale_temporaries(run_dir / "distill", depth=0)  # eval.json and grids of a killed evaluation
     return result

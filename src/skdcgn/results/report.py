@@ -11,24 +11,25 @@ import io
 import os
 from pathlib import Path
 
-from .io import read_json, write_bytes
-from .pipeline import format_mean_std, format_table, table_rows
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-MECHANISMS = ("shape", "foreground", "background")
+from ..data.variants import VARIANTS
+from ..errors import SkdcgnError
+from ..io import read_json, write_bytes
+from ..models.cgn import MECHANISMS
+from .records import format_mean_std
+from .render import format_table, table_rows
 
 
 def _plot_losses(vdir: Path, out: Path) -> bool:
     """Distillation losses per mechanism (generator and discriminator) as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     logs = {m: vdir / "distill" / "students" / m / "losses.csv" for m in MECHANISMS}
     logs = {m: p for m, p in logs.items() if p.is_file()}
     if not logs:
         return False
-    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(logs), 3))  # a Figure of its own: no pyplot state, no backend switch
+    axes = fig.subplots(1, len(logs), squeeze=False)
     for ax, (m, path) in zip(axes[0], logs.items()):
         try:
             with open(path, newline="") as f:
@@ -37,8 +38,6 @@ def _plot_losses(vdir: Path, out: Path) -> bool:
             series = {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
                       for key in ("pixel", "g_loss", "d_loss")}
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
-            plt.close(fig)
-            from .errors import SkdcgnError
             raise SkdcgnError(f"{path}: not a losses table ({type(e).__name__}: {str(e)[:100]})") from None
         for key, vals in series.items():
             if len(vals) == len(steps):
@@ -49,21 +48,17 @@ def _plot_losses(vdir: Path, out: Path) -> bool:
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save_fig(fig, out)
-    plt.close(fig)
     return True
 
 
 def _plot_accuracy(summary: dict, out: Path) -> None:
     """Out-of-distribution test accuracy per training set, one group of bars per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = summary["results"]
     variants = list(results)
     rows = table_rows(results)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) * len(variants)), 3.5))
+    fig = Figure(figsize=(max(6, 0.6 * len(rows) * len(variants)), 3.5))
+    ax = fig.subplots()
+    tab20 = colormaps["tab20"]
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         xs, means, stds = [], [], []
@@ -73,17 +68,16 @@ def _plot_accuracy(summary: dict, out: Path) -> None:
                 xs.append(j + i * width)
                 means.append(acc["test"]["mean"])
                 stds.append(acc["test"]["std"])
-        ax.bar(xs, means, width, yerr=stds, label=row, color=plt.cm.tab20(i % 20))  # distinct colours for ≤ 20 rows
+        ax.bar(xs, means, width, yerr=stds, label=row, color=tab20(i % 20))  # distinct colours for ≤ 20 rows
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants)
     ax.set_ylabel("test accuracy (OOD), %")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save_fig(fig, out)
-    plt.close(fig)
 
 
-def _save_fig(fig, out: Path) -> None:
+def _save_fig(fig: Figure, out: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_bytes(out, buf.getvalue())
@@ -102,9 +96,6 @@ def results_markdown(summary: dict) -> str:
 
 def check_summary(summary: object, source: str) -> dict:
     """Validate a run summary read back from `results.json` (untrusted: it names folders to read)."""
-    from .errors import SkdcgnError
-    from .pipeline import VARIANTS
-
     def bad(where: str, what: str) -> SkdcgnError:
         return SkdcgnError(f"{source}: '{where}' {what}")
 
