@@ -74,7 +74,7 @@ def counterfactual_grids(cgn, seed: int = 0) -> tuple[Image.Image, Image.Image]:
     g = torch.Generator().manual_seed(seed)
     y_shape = torch.arange(n).repeat(n)
     y_tex = torch.arange(n).repeat_interleave(n)
-    x = cgn.sample(y_shape, y_tex, y_tex, generator=g)[3]
+    x = cgn.sample(y_shape, y_tex, y_tex, generator=g).composite
     classes = [str(i) for i in range(n)]
     cf = image_grid(x, n, row_labels=classes, col_labels=classes, title="shape class → (columns); texture class ↓ (rows)")
     m, f, b, x = cgn.sample(torch.arange(n), generator=g)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,16 @@ from .pretrained import PretrainedModel, load_model
 
 MECHANISMS = ("shape", "foreground", "background")
 INDEX_FILE = "cgn.json"
+
+
+class CGNSample(NamedTuple):
+    """What `CGN.sample` returns, by name (it still unpacks as `mask, fg, bg, x`). N images of
+    H × W pixels, on the CGN's device, in its dtype."""
+
+    mask: Tensor        # [N, 1, H, W] in [0, 1]: the shape mechanism's output m
+    foreground: Tensor  # [N, 3, H, W] in [-1, 1]: f (texture-shifted where the mechanism says so)
+    background: Tensor  # [N, 3, H, W] in [-1, 1]: b (likewise)
+    composite: Tensor   # [N, 3, H, W] in [-1, 1]: x = m·f + (1 − m)·b
 
 
 class CGN(nn.Module):
@@ -57,11 +68,14 @@ class CGN(nn.Module):
 
     @torch.no_grad()
     def sample(self, y_shape: Tensor, y_fg: Tensor | None = None, y_bg: Tensor | None = None,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mask, foreground, background, composite) for the given classes.
+               generator: torch.Generator | None = None) -> CGNSample:
+        """Mask, foreground, background and composite (`CGNSample`) for the given classes.
 
-        Classes left out are those of the shape (no counterfactual). Noise for each mechanism is
-        drawn independently from `generator`, in the order shape, foreground, background.
+        `y_shape`, `y_fg`, `y_bg`: int64 [N] class indices in [0, n_classes); classes left out are
+        those of the shape (no counterfactual). Noise for each mechanism is drawn independently from
+        `generator` (float32 on the CPU, then cast to the model's device and dtype), in the order
+        shape, foreground, background. Raises `SkdcgnError` for class indices of another length
+        or out of range.
         """
         y_shape = torch.as_tensor(y_shape, dtype=torch.long)
         y_fg = y_shape if y_fg is None else torch.as_tensor(y_fg, dtype=torch.long)
@@ -72,7 +86,7 @@ class CGN(nn.Module):
         mask = self.run_mechanism("shape", y_shape, generator)
         fg = self.run_mechanism("foreground", y_fg, generator)
         bg = self.run_mechanism("background", y_bg, generator)
-        return mask, fg, bg, compose(mask, fg, bg)
+        return CGNSample(mask, fg, bg, compose(mask, fg, bg))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
