@@ -288,3 +288,42 @@ def test_records_of_another_data_build_stand_beside_the_earlier_ones(tmp_path):
     three = {**new, "config": {**config, "seeds": 3}}
     assert record_results(md, "runs/x", three, "full") == []  # more seeds, but other test images: both stay
     assert set(read_json(tmp_path / "results.json")["runs"]) == {"run-full-colored-1seed", "run-full-colored-data2"}
+
+
+def test_hybrid_rows_train_on_a_mix_of_teacher_and_student_mechanisms(tiny_run, tmp_path):
+    """The hybrid rows reuse the tiny run's students and datasets and add one dataset each, whose
+    masks come from one CGN and textures from the other."""
+    import torch
+
+    from skdcgn.counterfactuals import load_image_dataset
+
+    run_dir, _ = tiny_run
+    argv = ["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(run_dir), "--quiet",
+            "--rows", "teacher_cf", "hybrid_teacher_shape", "hybrid_student_shape"]
+    assert main(argv) == 0
+    summary = read_json(run_dir / "results.json")
+    assert set(summary["results"]["colored"]["table"]) == {"teacher_cf", "hybrid_teacher_shape", "hybrid_student_shape"}
+    vdir = run_dir / "colored"
+    x_t, _ = load_image_dataset(vdir / "datasets" / "teacher_cf", dtype=torch.uint8)
+    x_s, _ = load_image_dataset(vdir / "datasets" / "student_cf", dtype=torch.uint8)
+    x_h, _ = load_image_dataset(vdir / "datasets" / "hybrid_teacher_shape", dtype=torch.uint8)
+    assert not torch.equal(x_h, x_t) and not torch.equal(x_h, x_s)
+    assert "| hybrid_teacher_shape |" in (run_dir / "results.md").read_text()
+
+
+def test_hybrid_cgn_spec():
+    import torch
+
+    import skdcgn
+    from skdcgn.errors import SkdcgnError
+
+    hybrid = skdcgn.load_cgn("hybrid:colored,shape=double_colored")
+    shape_of, texture_of = skdcgn.load_cgn("double_colored"), skdcgn.load_cgn("colored")
+    y = torch.arange(3)
+    h, a, b = (c.sample(y, generator=torch.Generator().manual_seed(0)) for c in (hybrid, shape_of, texture_of))
+    assert torch.equal(h.mask, a.mask) and torch.equal(h.foreground, b.foreground)
+    assert torch.equal(h.background, b.background) and not torch.equal(h.composite, b.composite)
+    for bad in ("hybrid:colored,shape", "hybrid:colored,texture=colored", "hybrid:shape=colored",
+                "hybrid:colored,shape=colored,shape=wildlife"):
+        with pytest.raises(SkdcgnError, match="hybrid"):
+            skdcgn.load_cgn(bad)

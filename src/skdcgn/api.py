@@ -24,13 +24,21 @@ def load_cgn(name_or_path: str | os.PathLike) -> CGN:
     - `imagenet-biggan:<dir>`: the CGN-ImageNet initialisation, a BigGAN-deep checkpoint folder
       (config.json + pytorch_model.bin) for all three mechanisms, with U2-Net's `u2net.pth` in it.
     - `imagenet-cgn:<file>`: a trained CGN-ImageNet state_dict (f_shape, f_text, f_bg, biggan_GT, u2net).
+    - `hybrid:<base>,<mechanism>=<spec>,...`: a hybrid CGN, any mix of mechanisms: those named are
+      taken from their own spec, the others from `<base>` (any spec above; no commas in paths), e.g.
+      `hybrid:students:runs/dc,shape=double_colored` (the teacher's shape, the students' textures).
     (The ImageNet teachers need `pip install 'skdcgn[imagenet]'`; see docs/imagenet.md.)
+
+    Raises `SkdcgnError` (one line) for an unknown name, a missing or invalid file or folder, or
+    a hybrid whose mechanisms disagree on the number of classes.
     """
     from .models.cgn import CGN, MECHANISMS
     from .models.cgn_mnist import SHIPPED_TEACHERS, load_original_cgn_mnist, shipped_teacher_path
     from .models.pretrained import load_model
 
     spec = str(name_or_path)
+    if spec.startswith("hybrid:"):
+        return _hybrid(spec[len("hybrid:"):])
     if spec.startswith(("imagenet-biggan:", "imagenet-cgn:")):
         from .models.imagenet import load_biggan_folder, load_cgn_imagenet
 
@@ -55,6 +63,25 @@ def load_cgn(name_or_path: str | os.PathLike) -> CGN:
     if path.is_dir():
         return CGN.from_pretrained(path)
     raise SkdcgnError(f"{spec!r}: not a shipped teacher ({', '.join(SHIPPED_TEACHERS)}), 'students:<run dir>', a CGN folder or a .pth file")
+
+
+def _hybrid(text: str) -> "CGN":
+    """`<base>,<mechanism>=<spec>,...` → a CGN of the base's mechanisms with the named ones replaced."""
+    from .models.cgn import CGN, MECHANISMS
+
+    base, *overrides = [part.strip() for part in text.split(",")]
+    picked: dict[str, str] = {}
+    for item in overrides:
+        mech, eq, sub = item.partition("=")
+        if not eq or mech not in MECHANISMS or not sub:
+            raise SkdcgnError(f"hybrid: {item!r} is not <mechanism>=<spec> with a mechanism of {', '.join(MECHANISMS)}")
+        if mech in picked:
+            raise SkdcgnError(f"hybrid: {mech} given twice")
+        picked[mech] = sub
+    if not base or "=" in base.split(":", 1)[0]:
+        raise SkdcgnError("hybrid: expected hybrid:<base spec>,<mechanism>=<spec>,... (the base first)")
+    loaded = {s: load_cgn(s) for s in {base, *picked.values()}}  # each spec loaded once
+    return CGN(**{m: getattr(loaded[picked.get(m, base)], m) for m in MECHANISMS}).eval()
 
 
 def load_classifier(path: str | os.PathLike) -> nn.Module:

@@ -11,6 +11,8 @@ Table 2, extended) and the composition-study rows are classifiers trained on:
 - `teacher_cf`: teacher counterfactuals;
 - `student_cf`: counterfactuals of the distilled students;
 - `student_cf+original`: student counterfactuals and the original training images;
+- `hybrid_teacher_shape`, `hybrid_student_shape` (on request, `--rows`): counterfactuals of a CGN
+  whose shape mechanism comes from the teacher and textures from the students, or the reverse;
 - `study_<composer>`: student counterfactuals composed with a composition-study variant.
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from .compose import COMPOSERS
 from .config import resolve_device, set_threads
 from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
+from .models.cgn import CGN
 from .io import config_hash, read_json, stage_complete, write_json, write_manifest
-from .results.records import ROWS, command_line, data_build, hardware_info, mean_std
+from .results.records import HYBRID_ROWS, ROWS, command_line, data_build, hardware_info, mean_std
 from .results.render import write_results
 from .results.report import write_run_report
 
@@ -64,8 +67,8 @@ class RunConfig:
         if self.teacher not in ("shipped", "train"):
             raise SkdcgnError(f"teacher: {self.teacher!r} is not one of shipped, train")
         for r in self.rows:
-            if r not in ROWS:
-                raise SkdcgnError(f"rows: {r!r} is not one of {', '.join(ROWS)}")
+            if r not in ROWS + HYBRID_ROWS:
+                raise SkdcgnError(f"rows: {r!r} is not one of {', '.join(ROWS + HYBRID_ROWS)}")
         for c in self.composers:
             if c not in COMPOSERS or c == "standard":
                 raise SkdcgnError(f"composers: {c!r} is not one of {', '.join(COMPOSERS[1:])}")
@@ -169,11 +172,13 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     # counterfactual datasets
     t = time.perf_counter()
-    rows = [r for r in ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
+    rows = [r for r in ROWS + HYBRID_ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
     datasets = {
         "teacher_samples": (teacher, "standard", False),
         "teacher_cf": (teacher, "standard", True),
         "student_cf": (students, "standard", True),
+        "hybrid_teacher_shape": (CGN(teacher.shape, students.foreground, students.background), "standard", True),
+        "hybrid_student_shape": (CGN(students.shape, teacher.foreground, teacher.background), "standard", True),
         **{f"study_{c}": (students, c, True) for c in config.composers},
     }
     needed = {"student_cf" if r == "student_cf+original" else r for r in rows}

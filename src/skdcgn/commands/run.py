@@ -7,6 +7,7 @@ import time
 
 from ..config import add_config_arguments, config_from_args, load_yaml
 from ..pipeline import PRESETS, ROWS, VARIANTS, RunConfig, run
+from ..results.records import HYBRID_ROWS
 from ..results.render import format_table
 
 
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> None:
     config = run_config(args)
     run_dir = args.run_dir or f"runs/{args.preset}"
-    rows = [r for r in ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
+    rows = [r for r in ROWS + HYBRID_ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
     print(f"[skdcgn run] {', '.join(config.variants)}: rows {', '.join(rows) or '(none)'}; {config.seeds} seed(s) each "
           f"→ {run_dir}", flush=True)
     t0 = time.perf_counter()
