@@ -85,11 +85,16 @@ class FeatureStats:
     n: int
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write `mu` and `sigma` as a safetensors file, with `n` in its metadata."""
         save_tensors(path, {"mu": torch.from_numpy(self.mu), "sigma": torch.from_numpy(self.sigma)},
                      metadata={"n": str(self.n)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        """Read statistics written by `save` (float64; `n` is 0 if the metadata lacks it).
+
+        Raises `SkdcgnError` if the file does not hold exactly `mu` [D] and `sigma` [D, D].
+        """
         t = load_tensors(path)
         if set(t) != {"mu", "sigma"} or t["sigma"].shape != (len(t["mu"]), len(t["mu"])):
             raise SkdcgnError(f"{path}: not a feature-statistics file (expected 'mu' [D] and 'sigma' [D, D])")
@@ -148,6 +153,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID (Heusel et al., 2017): the Fréchet distance between two Gaussians given by their `FeatureStats`."""
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 

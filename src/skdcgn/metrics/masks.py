@@ -26,6 +26,14 @@ from ..images import render_mask  # noqa: F401  (re-exported: masks are rendered
 
 @dataclasses.dataclass(frozen=True)
 class MaskHealthThresholds:
+    """Per-class flag thresholds of the mask health check.
+
+    Fields:
+        min_area: a class whose mean mask value is below this is flagged `empty` (fraction of the frame).
+        max_area: above this, `full` (fraction of the frame).
+        min_binariness: below this binariness (1 − mean 4·m·(1 − m), in [0, 1]), `blurry`.
+        min_readable: below this fraction of masks read as their class, `wrong_digit`.
+    """
     min_area: float = 0.02
     max_area: float = 0.6
     min_binariness: float = 0.5
