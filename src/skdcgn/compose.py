@@ -53,6 +53,11 @@ def compose(mask: Tensor, foreground: Tensor, background: Tensor) -> Tensor:
 
 
 def rotate(mask: Tensor, max_degrees: float, generator: torch.Generator | None = None) -> Tensor:
+    """Rotate each mask about its centre by its own random angle, uniform in [−max_degrees, max_degrees)
+    (degrees), drawn from `generator`; bilinear sampling, zeros outside the frame.
+
+    mask float [N, C, H, W] → same shape.
+    """
     n = mask.shape[0]
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
     cos, sin = angle.cos(), angle.sin()

@@ -49,6 +49,7 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write `image` to `path` as PNG (via `io.write_bytes`)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_bytes(path, buf.getvalue())
