@@ -158,7 +158,8 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def fid(features_a: np.ndarray | Tensor | FeatureStats, features_b: np.ndarray | Tensor | FeatureStats) -> float:
-    """Fréchet distance between two feature sets (or precomputed `FeatureStats`)."""
+    """FID (Heusel et al., 2017): Fréchet distance between two feature sets float [N, D] (N ≥ 2 each)
+    or precomputed `FeatureStats`. Raises `SkdcgnError` for fewer than 2 samples or non-finite features."""
     a = features_a if isinstance(features_a, FeatureStats) else feature_stats(features_a)
     b = features_b if isinstance(features_b, FeatureStats) else feature_stats(features_b)
     return fid_from_stats(a, b)
@@ -181,7 +182,8 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kid(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, subsets: int = 100,
         subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """(mean, std) of unbiased MMD² over `subsets` random subsets of `subset_size` per set.
+    """KID (Bińkowski et al., 2018): (mean, std) of unbiased MMD² over `subsets` random subsets of
+    `subset_size` per set; features float [N, D].
 
     The subset size is capped by the smaller set; subsets are drawn without replacement within
     each subset, from a generator seeded by `seed` (the same call gives the same numbers).

@@ -86,7 +86,11 @@ def mask_health_from_masks(masks: Tensor, labels: Tensor, predict: Callable[[Ten
 
 @torch.no_grad()
 def sample_masks(cgn, n_per_class: int = 100, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor]:
-    """Masks of a CGN (teacher or students), `n_per_class` per class, from a seeded generator."""
+    """Masks of a CGN (teacher or students), `n_per_class` per class, from a generator seeded by `seed`.
+
+    Returns (masks float32 [n_per_class · n_classes, 1, H, W] in [0, 1] on the CPU, labels int64
+    [same N], cycling 0, 1, ..., n_classes − 1); `batch_size` masks are generated per call.
+    """
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(cgn.n_classes).repeat(n_per_class)
     masks = torch.cat([cgn.run_mechanism("shape", y, g).float().cpu() for y in labels.split(batch_size)])
