@@ -228,8 +228,9 @@ class ImageNetMechanism(PretrainedModel):
         self.eval()  # BigGAN's batch norms use stored statistics; U2-Net is frozen in CGN
 
     def biggan_inputs(self, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(z float [N, z_dim] truncated noise in the model's dtype, one-hot classes [N, num_classes]) from
-        u float [N, z_dim] and y int [N] in [0, num_classes).
+        """(z [N, z_dim], one-hot classes [N, num_classes]), both in the model's dtype, from u float
+        [N, z_dim] and y int [N] in [0, num_classes); z = `truncate_normal(u, truncation)`, or u
+        itself when `input_noise` is "truncated".
         """
         z = u if self.config.input_noise == "truncated" else truncate_normal(u, self.config.truncation)
         z = self.as_input(z)  # truncated in float64 first: the same z at any precision
