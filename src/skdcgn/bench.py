@@ -38,6 +38,18 @@ from .results.render import write_results
 
 @dataclasses.dataclass(frozen=True)
 class BenchPreset:
+    """Sizes of one `skdcgn bench` preset ("quick" or "full" in `PRESETS`).
+
+    Fields:
+        n_quality: images per set for FID/KID (balanced over classes).
+        kid_subsets: number of random subsets KID is averaged over.
+        kid_subset_size: images per KID subset and set (capped by the set sizes).
+        mask_per_class: masks sampled per class for mask health.
+        batch_sizes: batch sizes (images) at which throughput is measured.
+        warmup: untimed calls per function before timing.
+        repeats: timed repeats per function (the median is reported).
+        min_seconds: each timed repeat lasts at least this long (seconds).
+    """
     n_quality: int            # images per set for FID/KID (balanced over classes)
     kid_subsets: int
     kid_subset_size: int

@@ -31,7 +31,9 @@ COMPOSERS = ("standard", "rotate", "mask_noise", "opacity", "binary", "swap_text
 
 
 def random_shift(texture: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Circularly shift each texture by a random offset per axis.
+    """Circularly shift each texture by a random offset per axis: texture [N, C, H, W] → same shape.
+
+    Offsets are drawn on the CPU from `generator`, uniform in [0, H) and [0, W) pixels per image.
 
     The CGN-MNIST teachers tile their texture patch 2 × 2 and take a random crop of the patch's
     size; that is exactly a circular shift by an offset in [0, size). It is parameter-free, so it is
@@ -48,11 +50,19 @@ def random_shift(texture: Tensor, generator: torch.Generator | None = None) -> T
 
 
 def compose(mask: Tensor, foreground: Tensor, background: Tensor) -> Tensor:
-    """x = m·f + (1 − m)·b; the one-channel mask broadcasts over the colour channels."""
+    """x = m·f + (1 − m)·b; the one-channel mask broadcasts over the colour channels.
+
+    mask [N, 1, H, W] in [0, 1]; foreground, background [N, 3, H, W] in [-1, 1] → x [N, 3, H, W] in [-1, 1].
+    """
     return mask * foreground + (1 - mask) * background
 
 
 def rotate(mask: Tensor, max_degrees: float, generator: torch.Generator | None = None) -> Tensor:
+    """Rotate each mask about its centre by its own random angle, uniform in [−max_degrees, max_degrees)
+    (degrees), drawn from `generator`; bilinear sampling, zeros outside the frame.
+
+    mask float [N, C, H, W] → same shape.
+    """
     n = mask.shape[0]
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
     cos, sin = angle.cos(), angle.sin()
@@ -63,7 +73,11 @@ def rotate(mask: Tensor, max_degrees: float, generator: torch.Generator | None =
 
 def compose_variant(name: str, mask: Tensor, foreground: Tensor, background: Tensor,
                     generator: torch.Generator | None = None) -> Tensor:
-    """The composite of one study variant (see the module doc)."""
+    """The composite of one study variant `name` (one of `COMPOSERS`; see the module doc).
+
+    Tensors as for `compose`; random variants draw from `generator`. Raises `SkdcgnError` for an
+    unknown `name`.
+    """
     if name == "standard":
         pass
     elif name == "rotate":

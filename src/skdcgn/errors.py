@@ -1,4 +1,5 @@
-"""The one exception type that the CLI turns into a one-line message (no traceback)."""
+"""The one exception type that the CLI turns into a one-line message (no traceback), and the
+warning for legal but suspicious input."""
 
 
 class SkdcgnError(Exception):

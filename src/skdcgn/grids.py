@@ -25,7 +25,10 @@ def to_rgb_array(images: torch.Tensor) -> np.ndarray:
 def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,
                row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
                title: str | None = None) -> Image.Image:
-    """Tile images row by row (`nrow` per row), optionally with row/column labels and a title."""
+    """Tile images row by row (`nrow` per row, i.e. `nrow` columns), optionally with row/column labels
+    and a title; each image is enlarged `scale` times (nearest), `pad` pixels apart, on white.
+
+    `images` as for `to_rgb_array` (raises `SkdcgnError` for images out of range)."""
     arr = to_rgb_array(images)
     n, h, w, _ = arr.shape
     h, w = h * scale, w * scale
@@ -49,13 +52,14 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 2, pad: int = 2,
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write `image` to `path` as PNG (via `io.write_bytes`)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_bytes(path, buf.getvalue())
 
 
 def stack_grids(grids: Sequence[Image.Image], gap: int = 8) -> Image.Image:
-    """Place grids side by side (e.g. teacher | student)."""
+    """Place grids side by side (e.g. teacher | student), `gap` pixels apart, top-aligned on white."""
     w = sum(g.width for g in grids) + gap * (len(grids) - 1)
     h = max(g.height for g in grids)
     canvas = Image.new("RGB", (w, h), (255, 255, 255))

@@ -5,6 +5,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object)."""
     p = subparsers.add_parser(
         "bench", help="measure cost (params, MACs, images/s) and quality (FID/KID, mask health); write docs/results.md",
         description="Measure teacher and students side by side in one run and write docs/results.md with its "

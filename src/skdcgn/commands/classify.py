@@ -9,6 +9,10 @@ from ..invariance import ClassifierConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `classify` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object).
+
+    Its actions: train, eval.
+    """
     parser = subparsers.add_parser("classify", help="train and evaluate invariant classifiers",
                                    description="Train a classifier (CGN MNIST protocol by default) and "
                                                "evaluate it in and out of distribution.")

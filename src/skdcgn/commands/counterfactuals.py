@@ -8,6 +8,7 @@ from ..compose import COMPOSERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `counterfactuals` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object)."""
     p = subparsers.add_parser(
         "counterfactuals", help="sample a counterfactual dataset (sharded, resumable) from a CGN",
         description="Each shape sample gets --per-shape random foreground/background classes; "

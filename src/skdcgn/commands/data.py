@@ -11,6 +11,10 @@ from ..grids import image_grid, save_png
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `data` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object).
+
+    Its actions: preview, build.
+    """
     parser = subparsers.add_parser("data", help="preview or pre-build the MNIST variants",
                                    description="Preview or pre-build the MNIST variants (colored, "
                                                "double_colored, wildlife; splits train, test, test_iid).")

@@ -10,6 +10,7 @@ from ..models.cgn import MECHANISMS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `distill` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object)."""
     from ..distill.trainer import PRESETS, DistillConfig
 
     p = sub.add_parser("distill", help="distil a CGN teacher into three small students (transfer set, training, evaluation)",
@@ -28,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def distill_command(args: argparse.Namespace) -> None:
+    """`skdcgn distill`: distil the teacher's mechanisms into students and print their size and held-out error.
+
+    Raises `SkdcgnError` if `--teacher` names students (`students:...`).
+    """
     import dataclasses
 
     from ..api import load_cgn

@@ -8,6 +8,7 @@ from ..metrics.inception_eval import UNITS, evaluate_against_teacher, render_mar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `evaluate` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object)."""
     p = subparsers.add_parser(
         "evaluate", help="FID / KID / IS of students vs the teacher on the same seeded inputs (Inception or domain net)",
         description="Sample the teacher and each student on identical seeded labels and noise, and report FID "

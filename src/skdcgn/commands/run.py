@@ -12,6 +12,7 @@ from ..results.render import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `run` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object). Also adds `report`."""
     p = sub.add_parser("run", help="the whole chain as one resumable command",
                        description="Run every stage for the given variants; run again to resume. "
                                    "Outputs: RUN_DIR/<variant>/{transfer,distill,datasets,classifiers}, "
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
+    """`skdcgn run`: run (or resume) every stage, optionally record the table, and print it."""
     config = run_config(args)
     run_dir = args.run_dir or f"runs/{args.preset}"
     rows = [r for r in ROWS + HYBRID_ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
@@ -62,6 +64,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def report_command(args: argparse.Namespace) -> None:
+    """`skdcgn report`: redraw results.md and report.html of a finished run from its results.json."""
     from ..io import read_json
     from ..results.report import write_run_report
 

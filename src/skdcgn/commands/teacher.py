@@ -9,6 +9,10 @@ from ..grids import counterfactual_grids, save_png
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `teacher` subcommand's parser to `subparsers` (the CLI's `add_subparsers()` object).
+
+    Its actions: sample, convert, train.
+    """
     p = sub.add_parser("teacher", help="sample, convert and train CGN teachers")
     tsub = p.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
 
@@ -42,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> None:
+    """`skdcgn teacher sample`: write the counterfactual grid PNG and, beside it, the mechanism grid."""
     cgn = load_cgn(args.cgn)
     cf, mech = counterfactual_grids(cgn, args.seed)
     out = Path(args.out)
@@ -52,12 +57,14 @@ def sample_command(args: argparse.Namespace) -> None:
 
 
 def convert_command(args: argparse.Namespace) -> None:
+    """`skdcgn teacher convert`: load a CGN checkpoint and save it as a CGN folder."""
     cgn = load_cgn(args.pth) if args.pth.endswith((".pth", ".pt")) else load_cgn(Path(args.pth))
     cgn.save_pretrained(args.out)
     print(f"wrote {args.out} ({cgn.get_num_params():,} parameters)")
 
 
 def train_command(args: argparse.Namespace) -> None:
+    """`skdcgn teacher train`: train a CGN teacher on a variant into RUN_DIR/teacher/."""
     from ..config import config_from_args
     from ..teacher_training import PRESETS, TeacherTrainConfig, train_teacher
 

@@ -20,20 +20,30 @@ from ..errors import SkdcgnError
 
 @dataclasses.dataclass(frozen=True)
 class DistEnv:
+    """This process's place in a torchrun launch.
+
+    Fields:
+        rank: global rank, in [0, world_size).
+        local_rank: rank on this machine (picks the CUDA device).
+        world_size: number of processes, >= 1; 1 means single-process (no process group).
+    """
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
 
     @property
     def enabled(self) -> bool:
+        """True when running with more than one process."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (the rank that writes files and logs)."""
         return self.rank == 0
 
     @property
     def part(self) -> tuple[int, int]:
+        """(rank, world_size): which share of the work this process takes."""
         return self.rank, self.world_size
 
 
@@ -71,6 +81,7 @@ def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait until every rank reaches this point; a no-op when single-process."""
     if env.enabled:
         dist.barrier()
 

@@ -30,12 +30,22 @@ PIXEL_LOSSES = ("l1", "bce")
 
 @dataclasses.dataclass
 class LossWeights:
+    """Weights of the distillation loss terms (TinyGAN, Chang & Lu, ACCV 2020); 0 switches a term off.
+
+    Fields:
+        pixel: weight of the pixel term (L1, or BCE on logits for masks), in [0, 10000].
+        adversarial: weight of the student's hinge adversarial term, in [0, 10000].
+        feature_matching: weight of the discriminator feature-matching L1 term, in [0, 10000].
+        mask_loss: pixel loss of the shape mechanism, "bce" or "l1" (textures always use L1).
+    At least one weight must be positive.
+    """
     pixel: float = 1.0
     adversarial: float = 0.01
     feature_matching: float = 0.1
     mask_loss: str = "bce"  # for the shape mechanism: bce | l1 (textures always use L1)
 
     def validate(self) -> None:
+        """Check the weights and `mask_loss`; raises `SkdcgnError` for a value out of range or all weights 0."""
         for name in ("pixel", "adversarial", "feature_matching"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1e4:
@@ -56,6 +66,7 @@ class DistillLoss:
 
     @property
     def uses_discriminator(self) -> bool:
+        """Whether a discriminator is needed (adversarial or feature-matching weight > 0)."""
         return self.w.adversarial > 0 or self.w.feature_matching > 0
 
     def discriminator_loss(self, disc: nn.Module, real: Tensor, fake: Tensor, y: Tensor,

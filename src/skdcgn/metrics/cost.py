@@ -107,6 +107,9 @@ def unit_fn(cgn, unit: str, batch: int, device: torch.device, seed: int = 0) -> 
 
 
 def unit_params(cgn, unit: str) -> int:
+    """Parameter count of one unit of `cgn`: a mechanism's ("shape", "foreground", "background"), or
+    the whole CGN's for "composite".
+    """
     return count_params(cgn) if unit == "composite" else count_params(cgn.mechanisms()[unit])
 
 

@@ -97,11 +97,16 @@ class DomainExtractor:
         return torch.cat([self.model(x.to(device)).argmax(1).cpu() for x in images.split(batch_size)])
 
     def to(self, device: torch.device | str) -> "DomainExtractor":
+        """Move the domain network to `device`; returns self."""
         self.model.to(device)
         return self
 
 
 def load_domain_extractor(device: torch.device | str = "cpu") -> DomainExtractor:
+    """The extractor of the shipped domain network (checksums verified), on `device`.
+
+    Raises `SkdcgnError` if a shipped file is missing or altered.
+    """
     return DomainExtractor(load_domain_net()).to(device)
 
 
@@ -109,6 +114,22 @@ def load_domain_extractor(device: torch.device | str = "cpu") -> DomainExtractor
 
 @dataclasses.dataclass
 class DomainTrainConfig:
+    """Settings of `train_domain_net` (defaults: the recipe of the shipped weights; no `validate`).
+
+    Fields:
+        seed: seed of the torch RNG and of every draw of images, shuffles and appearances.
+        epochs: training epochs.
+        batch_size: images per step (variant and shape images mixed).
+        lr: peak learning rate of AdamW's one-cycle schedule.
+        weight_decay: AdamW weight decay.
+        n_per_variant: variant images per variant and epoch (× 3 variants), capped by the pooled train splits.
+        n_shape: label-untied shape images per epoch, capped by the 50,000 MNIST training digits.
+        white_on_black: fraction of shape images rendered white on black (as masks are).
+        black_background: fraction of shape images with a black background behind a coloured or
+            textured digit (on top of the white-on-black ones, which have one too).
+        width: `DomainNetConfig.width`.
+        threads: torch CPU threads during training.
+    """
     seed: int = 0
     epochs: int = 6
     batch_size: int = 256

@@ -85,11 +85,16 @@ class FeatureStats:
     n: int
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write `mu` and `sigma` as a safetensors file, with `n` in its metadata."""
         save_tensors(path, {"mu": torch.from_numpy(self.mu), "sigma": torch.from_numpy(self.sigma)},
                      metadata={"n": str(self.n)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        """Read statistics written by `save` (float64; `n` is 0 if the metadata lacks it).
+
+        Raises `SkdcgnError` if the file does not hold exactly `mu` [D] and `sigma` [D, D].
+        """
         t = load_tensors(path)
         if set(t) != {"mu", "sigma"} or t["sigma"].shape != (len(t["mu"]), len(t["mu"])):
             raise SkdcgnError(f"{path}: not a feature-statistics file (expected 'mu' [D] and 'sigma' [D, D])")
@@ -148,11 +153,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID (Heusel et al., 2017): the Fréchet distance between two Gaussians given by their `FeatureStats`."""
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
 def fid(features_a: np.ndarray | Tensor | FeatureStats, features_b: np.ndarray | Tensor | FeatureStats) -> float:
-    """Fréchet distance between two feature sets (or precomputed `FeatureStats`)."""
+    """FID (Heusel et al., 2017): Fréchet distance between two feature sets float [N, D] (N ≥ 2 each)
+    or precomputed `FeatureStats`. Raises `SkdcgnError` for fewer than 2 samples or non-finite features."""
     a = features_a if isinstance(features_a, FeatureStats) else feature_stats(features_a)
     b = features_b if isinstance(features_b, FeatureStats) else feature_stats(features_b)
     return fid_from_stats(a, b)
@@ -175,7 +182,8 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kid(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, subsets: int = 100,
         subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """(mean, std) of unbiased MMD² over `subsets` random subsets of `subset_size` per set.
+    """KID (Bińkowski et al., 2018): (mean, std) of unbiased MMD² over `subsets` random subsets of
+    `subset_size` per set; features float [N, D].
 
     The subset size is capped by the smaller set; subsets are drawn without replacement within
     each subset, from a generator seeded by `seed` (the same call gives the same numbers).

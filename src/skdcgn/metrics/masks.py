@@ -26,6 +26,14 @@ from ..images import render_mask  # noqa: F401  (re-exported: masks are rendered
 
 @dataclasses.dataclass(frozen=True)
 class MaskHealthThresholds:
+    """Per-class flag thresholds of the mask health check.
+
+    Fields:
+        min_area: a class whose mean mask value is below this is flagged `empty` (fraction of the frame).
+        max_area: above this, `full` (fraction of the frame).
+        min_binariness: below this binariness (1 − mean 4·m·(1 − m), in [0, 1]), `blurry`.
+        min_readable: below this fraction of masks read as their class, `wrong_digit`.
+    """
     min_area: float = 0.02
     max_area: float = 0.6
     min_binariness: float = 0.5
@@ -78,7 +86,11 @@ def mask_health_from_masks(masks: Tensor, labels: Tensor, predict: Callable[[Ten
 
 @torch.no_grad()
 def sample_masks(cgn, n_per_class: int = 100, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor]:
-    """Masks of a CGN (teacher or students), `n_per_class` per class, from a seeded generator."""
+    """Masks of a CGN (teacher or students), `n_per_class` per class, from a generator seeded by `seed`.
+
+    Returns (masks float32 [n_per_class · n_classes, 1, H, W] in [0, 1] on the CPU, labels int64
+    [same N], cycling 0, 1, ..., n_classes − 1); `batch_size` masks are generated per call.
+    """
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(cgn.n_classes).repeat(n_per_class)
     masks = torch.cat([cgn.run_mechanism("shape", y, g).float().cpu() for y in labels.split(batch_size)])

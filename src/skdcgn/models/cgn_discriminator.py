@@ -24,6 +24,16 @@ KINDS = ("linear", "conv")
 
 @dataclasses.dataclass
 class DiscriminatorConfig:
+    """A CGN-MNIST teacher discriminator (after the CGN authors' `DiscLin` / `DiscConv`).
+
+    Fields:
+        kind: "linear" (MLP) or "conv".
+        n_classes: number of classes, in [1, 4096].
+        ndf: hidden width (linear) or base channels (conv), in [1, 4096].
+        dropout: dropout probability of the linear kind's hidden layers, in [0, 1).
+        image_size: image side in pixels, in [1, 4096]; must be 32 for "conv".
+        channels: image channels, in [1, 4096].
+    """
     kind: str = "linear"  # linear | conv
     n_classes: int = 10
     ndf: int = 512  # hidden width (linear) or base channels (conv)
@@ -32,6 +42,7 @@ class DiscriminatorConfig:
     channels: int = 3
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         if self.kind not in KINDS:
             raise SkdcgnError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         for name in ("n_classes", "ndf", "image_size", "channels"):
@@ -53,6 +64,7 @@ def _dropout(x: Tensor, p: float, training: bool, generator: torch.Generator | N
 
 @register
 class CGNDiscriminator(PretrainedModel):
+    """Class-conditional LSGAN discriminator for training CGN-MNIST teachers: one score per image."""
     Config = DiscriminatorConfig
 
     def __init__(self, config: DiscriminatorConfig) -> None:

@@ -29,6 +29,16 @@ ORIGINAL_PREFIX = {"shape": "f_shape", "foreground": "f_text1", "background": "f
 
 @dataclasses.dataclass
 class TeacherConfig:
+    """One CGN-MNIST teacher mechanism (Sauer & Geiger, ICLR 2021; layout of the released checkpoints).
+
+    Fields:
+        mechanism: "shape", "foreground" or "background".
+        n_classes: number of classes (also the class-embedding size), in [1, 4096].
+        latent_dim: size of the noise u, in [1, 4096].
+        ngf: base channel count, in [1, 4096].
+        init_size: side in pixels of the first feature map, in [1, 4096]; the output is 4 · init_size px.
+        shifted_texture: textures get a seeded random circular shift at composition.
+    """
     mechanism: str = "shape"  # shape | foreground | background
     n_classes: int = 10
     latent_dim: int = 32
@@ -37,6 +47,7 @@ class TeacherConfig:
     shifted_texture: bool = False  # textures: random circular shift at composition
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         if self.mechanism not in ORIGINAL_PREFIX:
             raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(ORIGINAL_PREFIX)}")
         for name in ("n_classes", "latent_dim", "ngf", "init_size"):
@@ -51,6 +62,7 @@ def _up_conv(cin: int, cout: int) -> list[nn.Module]:
 
 @register
 class TeacherMechanism(PretrainedModel):
+    """A CGN-MNIST teacher mechanism; the three of a CGN may share one class embedding (`label_emb`)."""
     Config = TeacherConfig
 
     def __init__(self, config: TeacherConfig, label_emb: nn.Embedding | None = None) -> None:
@@ -82,6 +94,9 @@ class TeacherMechanism(PretrainedModel):
         self.net = nn.Sequential(*layers)
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        """u float [N, latent_dim]; y int64 [N] in [0, n_classes) → shape: mask [N, 1, 4s, 4s] (instance-normed
+        output clamped to [1e-4, 0.9999]); textures: [N, 3, 4s, 4s] in [-1, 1] (tanh), s = init_size.
+        """
         out = self.net(torch.cat([self.as_input(u), self.label_emb(y)], dim=1))
         if self.config.mechanism == "shape":
             out = out.clamp(1e-4, 0.9999)  # instance-normed logits, clamped into a mask
@@ -114,6 +129,10 @@ def load_original_cgn_mnist(path: str | os.PathLike) -> CGN:
 
 
 def shipped_teacher_path(name: str) -> Path:
+    """Path of a shipped CGN-MNIST checkpoint ("colored", "double_colored" or "wildlife"), after checking its SHA-256.
+
+    Raises `SkdcgnError` for an unknown name or a missing / altered file.
+    """
     if name not in SHIPPED_TEACHERS:
         raise SkdcgnError(f"unknown teacher {name!r}; shipped teachers: {', '.join(SHIPPED_TEACHERS)}")
     file, digest = SHIPPED_TEACHERS[name]

@@ -24,12 +24,21 @@ ARCHS = ("cgn", "mnist_example")
 
 @dataclasses.dataclass
 class ClassifierNetConfig:
+    """The invariant classifier's architecture.
+
+    Fields:
+        arch: "cgn" (the CGN authors' MNIST classifier) or "mnist_example" (PyTorch MNIST example CNN).
+        n_classes: number of classes, in [2, 10000].
+        in_channels: image channels, in [1, 16].
+        image_size: image side in pixels, in [25, 64].
+    """
     arch: str = "cgn"  # cgn | mnist_example
     n_classes: int = 10
     in_channels: int = 3
     image_size: int = 32
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         if self.arch not in ARCHS:
             raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
         if not 2 <= self.n_classes <= 10_000:
@@ -48,6 +57,7 @@ def _cgn_feature_size(s: int) -> int:
 
 @register
 class Classifier(PretrainedModel):
+    """Image classifier (architecture chosen by `config.arch`); returns logits."""
     Config = ClassifierNetConfig
 
     def __init__(self, config: ClassifierNetConfig) -> None:

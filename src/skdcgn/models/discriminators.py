@@ -22,11 +22,19 @@ from .pretrained import PretrainedModel, register
 
 @dataclasses.dataclass
 class DiscriminatorConfig:
+    """Projection discriminator used in distillation.
+
+    Fields:
+        in_channels: image channels (1 for masks, 3 for textures), in [1, 4096].
+        n_classes: number of classes, in [1, 4096].
+        widths: channels after each `DBlock` (each halves the side): 1 to 5 values in [1, 1024].
+    """
     in_channels: int = 1  # 1 for masks, 3 for textures
     n_classes: int = 10
     widths: tuple[int, ...] = (16, 32, 64)  # channels after each block (16, 8, 4 px)
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         for name in ("in_channels", "n_classes"):
             if not 1 <= getattr(self, name) <= 4096:
                 raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
@@ -47,6 +55,7 @@ class DBlock(nn.Module):
         self.skip = spectral_norm(nn.Conv2d(cin, cout, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [N, Cin, H, W] → [N, Cout, H/2, W/2]."""
         h = F.avg_pool2d(F.leaky_relu(self.conv1(x), 0.2), 2)       # [N, Cout, H/2, W/2]
         h = F.leaky_relu(self.conv2(h), 0.2)
         return h + self.skip(F.avg_pool2d(x, 2))
@@ -54,6 +63,9 @@ class DBlock(nn.Module):
 
 @register
 class ProjectionDiscriminator(PretrainedModel):
+    """Class-conditional projection discriminator (Miyato & Koyama, 2018) with spectral norm, as in TinyGAN
+    (Chang & Lu, ACCV 2020); see the module docstring for the layout.
+    """
     Config = DiscriminatorConfig
 
     def __init__(self, config: DiscriminatorConfig) -> None:
@@ -65,6 +77,9 @@ class ProjectionDiscriminator(PretrainedModel):
         self.embed = spectral_norm(nn.Embedding(config.n_classes, chans[-1]))
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x float [N, in_channels, H, W]; y int64 [N] in [0, n_classes) → (logits float [N], the output of
+        each block: [N, widths[i], H / 2^(i+1), W / 2^(i+1)]).
+        """
         features = []
         h = x.contiguous(memory_format=torch.channels_last)  # fast oneDNN path on CPU
         for block in self.blocks:

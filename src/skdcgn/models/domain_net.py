@@ -19,17 +19,26 @@ from .pretrained import PretrainedModel, register
 
 @dataclasses.dataclass
 class DomainNetConfig:
+    """The domain network's size.
+
+    Fields:
+        n_classes: digit classes, in [1, 1024].
+        n_texture_classes: texture classes (3 variants × 10 class-tied colour/texture sets), in [1, 1024].
+        width: channels of the first stage (then 2×, 4×, 4×), in [1, 1024].
+    """
     n_classes: int = 10
     n_texture_classes: int = 30  # 3 variants × 10 class-tied colour/texture sets
     width: int = 16              # channels of the first stage; then 2×, 4×, 4×
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         for name in ("n_classes", "n_texture_classes", "width"):
             if not 1 <= getattr(self, name) <= 1024:
                 raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 1024]")
 
     @property
     def feature_dim(self) -> int:
+        """Size of the feature vector: 4 · width."""
         return 4 * self.width
 
 
@@ -39,6 +48,7 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 
 @register
 class DomainNet(PretrainedModel):
+    """CNN over [N, 3, 32, 32] images in [-1, 1] with a digit head and a texture head on shared features."""
     Config = DomainNetConfig
 
     def __init__(self, config: DomainNetConfig) -> None:
@@ -64,5 +74,6 @@ class DomainNet(PretrainedModel):
         return self.digit(self.body(x))
 
     def both(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, 3, 32, 32] in [-1, 1] → (digit logits [N, n_classes], texture logits [N, n_texture_classes])."""
         h = self.body(x)
         return self.digit(h), self.texture(h)

@@ -32,6 +32,11 @@ def register(cls: type[M]) -> type[M]:
 
 
 class PretrainedModel(nn.Module):
+    """Base class of the models that save to and load from a folder.
+
+    Subclasses set `Config` (a dataclass) and take one instance of it as their constructor argument;
+    decorate them with `register` so that `load_model` can rebuild them by class name.
+    """
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -39,6 +44,7 @@ class PretrainedModel(nn.Module):
         self.config = config
 
     def get_num_params(self) -> int:
+        """Number of parameter elements (tensors shared between modules count once)."""
         return sum(p.numel() for p in self.parameters())
 
     @property
@@ -54,6 +60,10 @@ class PretrainedModel(nn.Module):
         return u.to(device=p.device if p is not None else u.device, dtype=self.dtype)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `model.safetensors` (the state_dict), then `config.json` (class name + config) into `folder`.
+
+        The config is written last, so a folder with a config has its weights.
+        """
         folder = Path(folder)
         # weights first, config last: a folder with a config has its weights
         save_tensors(folder / WEIGHTS_FILE, self.state_dict())
@@ -61,6 +71,10 @@ class PretrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls: type[M], folder: str | os.PathLike) -> M:
+        """Load a saved folder with `load_model` (checked, in eval mode).
+
+        Raises `SkdcgnError` if the folder holds a model that is not an instance of `cls`.
+        """
         model = load_model(folder)
         if not isinstance(model, cls):
             raise SkdcgnError(f"{folder}: holds a {type(model).__name__}, expected a {cls.__name__}")

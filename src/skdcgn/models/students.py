@@ -40,6 +40,19 @@ SIZES = (32, 64, 128, 256, 512)
 
 @dataclasses.dataclass
 class StudentConfig:
+    """Architecture of one student mechanism (validated by `validate`, which the generators call).
+
+    Fields:
+        mechanism: "shape", "foreground" or "background" (`MECHANISMS`).
+        n_classes: number of classes, in [1, 4096].
+        latent_dim: size of the noise u, in [1, 4096].
+        embed_dim: size of the class embedding fed, with u, to every conditional BN; in [1, 4096].
+        widths: channels at 4, 8, ... image_size / 2 px: exactly `n_resolutions` values, each in [1, 1024].
+        extra_blocks: residual blocks at image_size / 2 px after the up-sampling ones, in [0, 16].
+        shifted_texture: textures get the teacher's seeded circular shift at composition; must be
+            false for the shape mechanism.
+        image_size: output side in pixels, one of `SIZES` (32 for MNIST, 128 or 256 for ImageNet).
+    """
     mechanism: str = "shape"  # shape | foreground | background
     n_classes: int = 10
     latent_dim: int = 32
@@ -50,6 +63,7 @@ class StudentConfig:
     image_size: int = 32  # output side: 32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2
 
     def validate(self) -> None:
+        """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
         if self.mechanism not in MECHANISMS:
             raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(MECHANISMS)}")
         for name in ("n_classes", "latent_dim", "embed_dim"):
@@ -74,6 +88,7 @@ class StudentConfig:
 
     @property
     def out_channels(self) -> int:
+        """Output channels: 1 for the shape mask, 3 for an RGB texture."""
         return 1 if self.mechanism == "shape" else 3
 
 
@@ -88,6 +103,7 @@ class ConditionalBatchNorm2d(nn.Module):
         nn.init.zeros_(self.affine.bias)  # starts as plain BN (gain 1, bias 0)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x [N, C, H, W], cond [N, cond_dim] → BN(x)·(1 + gain(cond)) + bias(cond), same shape as x."""
         gain, bias = self.affine(cond)[:, :, None, None].chunk(2, dim=1)  # [N, C, 1, 1] each
         return self.bn(x) * (1 + gain) + bias
 
@@ -112,6 +128,7 @@ class Block(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x [N, Cin, H, W], cond [N, cond_dim] → [N, Cout, 2H, 2W] when up-sampling, else [N, Cout, H, W]."""
         h = F.relu(self.bn1(x, cond))
         if self.scale != 1.0:
             h = F.interpolate(h, scale_factor=self.scale, mode="nearest")   # [N, Cin, 2H, 2W]
@@ -159,9 +176,12 @@ class ShapeStudent(StudentGenerator):
         super().__init__(config)
 
     def activate(self, logits: Tensor) -> Tensor:
+        """Mask from logits: sigmoid, values in (0, 1), same shape."""
         return torch.sigmoid(logits)
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        """u float [N, latent_dim] standard normal; y int64 [N] in [0, n_classes)
+        → mask float [N, 1, S, S] in (0, 1), S = image_size."""
         return self.activate(self.pre_activation(u, y))
 
 
@@ -179,9 +199,15 @@ class TextureStudent(StudentGenerator):
         super().__init__(config)
 
     def activate(self, logits: Tensor) -> Tensor:
+        """Texture from logits: tanh, values in (-1, 1), same shape."""
         return torch.tanh(logits)
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        """u float [N, latent_dim] standard normal; y int64 [N] in [0, n_classes)
+        → texture float [N, 3, S, S] in (-1, 1), S = image_size.
+
+        The output is un-shifted; a `shifted_texture` shift is applied by `CGN.run_mechanism`.
+        """
         return self.activate(self.pre_activation(u, y))
 
 
@@ -199,6 +225,13 @@ IMAGENET_WIDTHS = {128: (256, 192, 128, 64, 32), 256: (256, 192, 128, 64, 32, 16
 
 def imagenet_student_config(mechanism: str, image_size: int = 256, n_classes: int = 1000, latent_dim: int = 128,
                             **overrides) -> StudentConfig:
+    """A validated TinyGAN-style student config for a CGN-ImageNet mechanism.
+
+    Defaults follow BigGAN (1000 classes, 128-d noise, 128-d class embedding); widths come from
+    `IMAGENET_WIDTHS` unless given in `overrides`; no extra blocks, no texture shift.
+    Raises `SkdcgnError` if `image_size` is not 128 or 256 and no `widths` are given, or if the
+    resulting config does not validate.
+    """
     if image_size not in IMAGENET_WIDTHS and "widths" not in overrides:
         raise SkdcgnError(f"image_size: ImageNet students come at {', '.join(map(str, IMAGENET_WIDTHS))} px, got {image_size}")
     values = {"embed_dim": 128, "extra_blocks": 0, "widths": IMAGENET_WIDTHS.get(image_size), **overrides}
@@ -209,4 +242,5 @@ def imagenet_student_config(mechanism: str, image_size: int = 256, n_classes: in
 
 
 def make_student(config: StudentConfig) -> StudentGenerator:
+    """A fresh (randomly initialised) `ShapeStudent` or `TextureStudent` for `config.mechanism`."""
     return ShapeStudent(config) if config.mechanism == "shape" else TextureStudent(config)

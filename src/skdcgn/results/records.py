@@ -26,6 +26,9 @@ HYBRID_ROWS = ("hybrid_teacher_shape", "hybrid_student_shape")
 
 
 def hardware_info(device: torch.device) -> dict:
+    """Where a measurement ran: CPU model and counts, torch threads, torch / Python / skdcgn versions,
+    platform, device, and for CUDA the GPU name and CUDA version (`gpu` is None otherwise).
+    """
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,6 +48,7 @@ def hardware_info(device: torch.device) -> dict:
     return info
 
 def command_line() -> str:
+    """The command as typed, `skdcgn` followed by this process's arguments."""
     return "skdcgn " + " ".join(sys.argv[1:])
 
 

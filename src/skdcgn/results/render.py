@@ -50,6 +50,7 @@ def _ratio(x: float) -> str:
     return f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
 
 def render_markdown(doc: dict) -> str:
+    """docs/results.md from the results document `doc` (its `runs`): summaries first, then each run."""
     lines = ["# skdcgn results", "",
              "Written by `skdcgn bench` and `skdcgn run --record`; do not edit by hand. Every number in the README "
              "comes from here; its accuracy tables are copied from the summaries.",
@@ -60,6 +61,8 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 def render_run(rec: dict) -> list[str]:
+    """Markdown lines of one record: `render_record` for a pipeline record (`skdcgn run --record`),
+    else a bench record's setup, cost, quality and extra sections."""
     if rec.get("kind") == "pipeline":  # recorded by `skdcgn run --record`
         return render_record(rec)
     hw = rec["hardware"]

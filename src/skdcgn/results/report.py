@@ -84,6 +84,7 @@ def _save_fig(fig: Figure, out: Path) -> None:
 
 
 def results_markdown(summary: dict) -> str:
+    """results.md of one run: the accuracy table (%) and the stage times (seconds) of each variant."""
     lines = ["# Results of this run", "",
              "Accuracy (%) of the invariant classifier, trained on each set (rows) and evaluated on the",
              "training data, the out-of-distribution `test` split and the in-distribution `test_iid` split.", "",
@@ -124,6 +125,11 @@ def check_summary(summary: object, source: str) -> dict:
 
 
 def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
+    """Write results.md, accuracy.png and report.html into `run_dir` from its `summary`; returns the
+    path of report.html.
+
+    Raises `SkdcgnError` if `summary` is malformed (`check_summary`).
+    """
     run_dir = Path(run_dir)
     check_summary(summary, str(run_dir / "results.json"))
     write_bytes(run_dir / "results.md", results_markdown(summary).encode())

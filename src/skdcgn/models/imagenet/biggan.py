@@ -63,6 +63,21 @@ def _biggan_module():
 
 @dataclasses.dataclass
 class ImageNetMechanismConfig:
+    """One CGN-ImageNet mechanism: a BigGAN-deep generator (Brock et al., ICLR 2019, as implemented in
+    pytorch-pretrained-biggan), plus a U2-Net masker for the shape mechanism.
+
+    Fields:
+        mechanism: "shape", "foreground" or "background".
+        truncation: BigGAN truncation, in (0, 1]; scales the truncated noise and is passed to BigGAN.
+        input_noise: "normal" (u ~ N(0, I) is mapped to truncated noise) or "truncated" (u is used as z).
+        output_dim, z_dim, class_embed_dim, channel_width, num_classes, layers,
+        attention_layer_position, eps, n_stats: the fields of pytorch_pretrained_biggan.BigGANConfig
+            (defaults: biggan-deep-256). z_dim, class_embed_dim, channel_width, num_classes and n_stats
+            are in [1, 100000]; class_embed_dim must equal z_dim; n_stats >= 2; `layers` are
+            (up_sample, in, out) channel multiples that chain from 16 down to 1.
+        u2net_encoder, u2net_decoder: (mid, out) channel pairs of the U2-Net (shape only; see `U2NetConfig`).
+        shifted_texture: must be false (CGN-ImageNet textures are not shifted).
+    """
     mechanism: str = "foreground"  # shape | foreground | background
     truncation: float = 0.5
     input_noise: str = "normal"  # normal: u ~ N(0, I) is mapped to truncated noise; truncated: u is used as is
@@ -83,23 +98,28 @@ class ImageNetMechanismConfig:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes (BigGAN's `num_classes`)."""
         return self.num_classes
 
     @property
     def latent_dim(self) -> int:
+        """Size of the noise u (BigGAN's `z_dim`)."""
         return self.z_dim
 
     @property
     def image_size(self) -> int:
+        """Output side in pixels: 4 · 2^(number of up-sampling layers)."""
         return 4 * 2 ** sum(bool(l[0]) for l in self.layers)
 
     def biggan_config(self) -> dict:
+        """The BigGAN fields as a dict for `BigGANConfig.from_dict` / its config.json."""
         return {"output_dim": self.output_dim, "z_dim": self.z_dim, "class_embed_dim": self.class_embed_dim,
                 "channel_width": self.channel_width, "num_classes": self.num_classes,
                 "layers": [list(l) for l in self.layers], "attention_layer_position": self.attention_layer_position,
                 "eps": self.eps, "n_stats": self.n_stats}
 
     def validate(self) -> None:
+        """Check every field (ranges in the class docstring); raises `SkdcgnError` naming the first bad field."""
         if self.mechanism not in MECHANISMS:
             raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(MECHANISMS)}")
         if not 0.0 < self.truncation <= 1.0:
@@ -162,6 +182,11 @@ def truncated_noise(n: int, dim: int = 128, truncation: float = 0.5, generator: 
 
 
 def build_biggan(config: ImageNetMechanismConfig) -> nn.Module:
+    """A fresh pytorch-pretrained-biggan `BigGAN` for `config`, with its last batch norm's affine set to
+    identity and its spectral-norm vectors converged to the random weights.
+
+    Raises `SkdcgnError` if pytorch-pretrained-biggan is not installed.
+    """
     ppb = _biggan_module()
     model = ppb.BigGAN(ppb.BigGANConfig.from_dict(config.biggan_config()))
     with torch.no_grad():  # the library leaves the last (unconditional) batch norm's affine uninitialised
@@ -203,11 +228,18 @@ class ImageNetMechanism(PretrainedModel):
         self.eval()  # BigGAN's batch norms use stored statistics; U2-Net is frozen in CGN
 
     def biggan_inputs(self, u: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(z [N, z_dim], one-hot classes [N, num_classes]), both in the model's dtype, from u float
+        [N, z_dim] and y int [N] in [0, num_classes); z = `truncate_normal(u, truncation)`, or u
+        itself when `input_noise` is "truncated".
+        """
         z = u if self.config.input_noise == "truncated" else truncate_normal(u, self.config.truncation)
         z = self.as_input(z)  # truncated in float64 first: the same z at any precision
         return z, F.one_hot(y.long(), self.config.num_classes).to(z.dtype)   # [N, z_dim], [N, 1000]
 
     def forward(self, u: Tensor, y: Tensor) -> Tensor:
+        """u float [N, z_dim]; y int [N] in [0, num_classes) → texture [N, 3, R, R] in [-1, 1], or for the
+        shape mechanism a mask [N, 1, R, R] in [1e-4, 0.9999] (R = image_size).
+        """
         z, onehot = self.biggan_inputs(u, y)
         x = self.biggan(z, onehot, self.config.truncation)                    # [N, 3, R, R] in [-1, 1]
         if self.u2net is None:

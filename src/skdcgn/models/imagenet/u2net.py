@@ -30,10 +30,17 @@ U2NET_SMALL = {"encoder": ((16, 64),) * 6, "decoder": ((16, 64),) * 5}
 
 @dataclasses.dataclass
 class U2NetConfig:
+    """Channels of a U2-Net (Qin et al., Pattern Recognition 2020).
+
+    Fields:
+        encoder: (mid, out) channels of stage1 .. stage6: 6 pairs of ints in [1, 4096].
+        decoder: (mid, out) channels of stage5d .. stage1d: 5 pairs of ints in [1, 4096].
+    """
     encoder: tuple = U2NET_FULL["encoder"]  # (mid, out) of stage1 .. stage6
     decoder: tuple = U2NET_FULL["decoder"]  # (mid, out) of stage5d .. stage1d
 
     def validate(self) -> None:
+        """Check both channel lists; raises `SkdcgnError` if one is malformed."""
         for name, n in (("encoder", 6), ("decoder", 5)):
             v = getattr(self, name)
             if len(v) != n or not all(len(p) == 2 and all(isinstance(c, int) and 1 <= c <= 4096 for c in p) for p in v):
@@ -41,6 +48,7 @@ class U2NetConfig:
 
 
 def tiny_u2net_config(width: int = 4) -> U2NetConfig:
+    """The U2-Net topology with (width, 2·width) channels at every stage (tests, smoke runs)."""
     return U2NetConfig(encoder=((width, 2 * width),) * 6, decoder=((width, 2 * width),) * 5)
 
 
@@ -73,6 +81,7 @@ class RSU(nn.Module):
             setattr(self, f"rebnconv{i}d", REBNCONV(2 * mid, cout if i == 1 else mid, 2 ** (i - 1) if self.fused else 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [N, cin, H, W] → [N, cout, H, W]."""
         hxin = self.rebnconvin(x)
         skips, h = [], hxin
         for i in range(1, self.depth):
@@ -111,6 +120,7 @@ class U2Net(nn.Module):
         self.outconv = nn.Conv2d(6, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x float [N, 3, H, W] → foreground probability [N, 1, H, W] in (0, 1) (sigmoid of the fused side outputs)."""
         enc = []
         h = x
         for i in range(1, 7):
