@@ -22,6 +22,7 @@ COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `skdcgn` argument parser with one subparser per module in `COMMANDS` (imported here)."""
     parser = argparse.ArgumentParser(
         prog="skdcgn",
         description="Source-free knowledge distillation of counterfactual generative networks.")

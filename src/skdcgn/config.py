@@ -43,6 +43,8 @@ def config_from_dict(config_cls: type[C], values: dict, source: str) -> C:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file as a dict of field values (`yaml.safe_load`: plain data, never objects;
+    an empty file is {}). Raises `SkdcgnError` for a missing, unreadable or non-mapping file."""
     import yaml
 
     path = Path(path)

@@ -37,6 +37,14 @@ class CGNSample(NamedTuple):
 
 
 class CGN(nn.Module):
+    """A Counterfactual Generative Network (Sauer & Geiger, ICLR 2021): three class-conditional
+    mechanisms (`shape` → mask m, `foreground` → f, `background` → b) and the composer
+    x = m·f + (1 − m)·b. Any mechanism may be a teacher's or a student's (a hybrid); drawing them
+    from different classes gives counterfactual images.
+
+    Raises `SkdcgnError` when the mechanisms disagree on the number of classes.
+    """
+
     def __init__(self, shape: PretrainedModel, foreground: PretrainedModel, background: PretrainedModel) -> None:
         super().__init__()
         self.shape, self.foreground, self.background = shape, foreground, background
@@ -46,13 +54,16 @@ class CGN(nn.Module):
         self.n_classes = n.pop()
 
     def mechanisms(self) -> dict[str, PretrainedModel]:
+        """{"shape", "foreground", "background"} → the mechanism modules (in that order)."""
         return {"shape": self.shape, "foreground": self.foreground, "background": self.background}
 
     def get_num_params(self) -> int:
+        """Parameters of the three mechanisms; tensors they share (an embedding) count once."""
         return sum(p.numel() for p in self.parameters())  # shared tensors count once
 
     @property
     def device(self) -> torch.device:
+        """The device of the first parameter (the mechanisms are moved together with `.to`)."""
         return next(self.parameters()).device
 
     def run_mechanism(self, name: str, y: Tensor, generator: torch.Generator | None = None,
@@ -89,6 +100,8 @@ class CGN(nn.Module):
         return CGNSample(mask, fg, bg, compose(mask, fg, bg))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `folder/{shape,foreground,background}/` (each config.json + model.safetensors) and
+        `folder/cgn.json` last, so a folder with `cgn.json` is complete."""
         folder = Path(folder)
         for name, mech in self.mechanisms().items():
             mech.save_pretrained(folder / name)
@@ -96,6 +109,8 @@ class CGN(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "CGN":
+        """Load what `save_pretrained` wrote (validated; nothing executed), in eval mode. Raises
+        `SkdcgnError` for a missing or foreign `cgn.json` or an invalid mechanism folder."""
         folder = Path(folder)
         index = read_json(folder / INDEX_FILE)
         if index.get("mechanisms") != list(MECHANISMS):
