@@ -85,8 +85,9 @@ def _hybrid(text: str) -> "CGN":
 
 
 def load_classifier(path: str | os.PathLike) -> nn.Module:
-    """A trained invariant classifier: [N, 3, 32, 32] in [-1, 1] → logits [N, 10]."""
-    from .models import classifier  # noqa: F401  (registers the class)
-    from .models.pretrained import load_model
+    """A trained invariant classifier (a folder of `Classifier.save_pretrained`): images
+    float [N, 3, 32, 32] in [-1, 1] → logits float32 [N, n_classes], in eval mode. Raises
+    `SkdcgnError` for a folder that holds another kind of model, or an invalid one."""
+    from .models.classifier import Classifier
 
-    return load_model(path)
+    return Classifier.from_pretrained(path)

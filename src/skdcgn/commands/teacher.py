@@ -58,7 +58,7 @@ def sample_command(args: argparse.Namespace) -> None:
 
 def convert_command(args: argparse.Namespace) -> None:
     """`skdcgn teacher convert`: load a CGN checkpoint and save it as a CGN folder."""
-    cgn = load_cgn(args.pth) if args.pth.endswith((".pth", ".pt")) else load_cgn(Path(args.pth))
+    cgn = load_cgn(args.pth)
     cgn.save_pretrained(args.out)
     print(f"wrote {args.out} ({cgn.get_num_params():,} parameters)")
 

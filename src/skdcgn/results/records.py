@@ -19,9 +19,13 @@ from ..config import usable_cpus
 
 # The training sets of the accuracy table, in its order (the CGN paper's Table 2, extended); the
 # composition-study rows `study_<composer>` follow them.
+
+
 ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
 # Hybrid CGNs (one mechanism from the teacher, the others from the students): which mechanism
 # costs the students' counterfactuals accuracy. Trained only when asked for (`--rows`).
+
+
 HYBRID_ROWS = ("hybrid_teacher_shape", "hybrid_student_shape")
 
 
@@ -47,6 +51,7 @@ def hardware_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
     return info
 
+
 def command_line() -> str:
     """The command as typed, `skdcgn` followed by this process's arguments."""
     return "skdcgn " + " ".join(sys.argv[1:])
@@ -61,9 +66,11 @@ def mean_std(accs: list[dict]) -> dict:
                       "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0, "n": len(vals)}
     return out
 
+
 def format_mean_std(a: dict) -> str:
     """'93.1 ± 0.7', or '93.1' for a single value."""
     return f"{a['mean']:.1f}" + (f" ± {a['std']:.1f}" if a["n"] > 1 else "")
+
 
 def data_build(rec: dict) -> int:
     """The variants' data build a record was measured on (records from before builds were kept: 1)."""

@@ -1,6 +1,7 @@
 """The results file and its markdown: `write_results` merges a record into docs/results.json and
-renders docs/results.md from every record there. Markdown of results records: the run tables, the protocol summaries, the cost and quality
-sections of `skdcgn bench`, the ImageNet cost table. Pure functions of the records."""
+renders docs/results.md from every record there. The markdown (run tables, protocol summaries,
+the cost and quality sections of `skdcgn bench`, the ImageNet cost table) is a pure function of
+the records."""
 from __future__ import annotations
 
 import os
@@ -43,11 +44,14 @@ def _n(x: float | int | None, digits: int = 0) -> str:
         return "n/a"
     return f"{x:,.{digits}f}"
 
+
 def _macs(x: int) -> str:
     return f"{x / 1e6:,.2f} M"
 
+
 def _ratio(x: float) -> str:
     return f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
+
 
 def render_markdown(doc: dict) -> str:
     """docs/results.md from the results document `doc` (its `runs`): summaries first, then each run."""
@@ -59,6 +63,7 @@ def render_markdown(doc: dict) -> str:
     for key, rec in doc["runs"].items():
         lines += render_run(rec)
     return "\n".join(lines).rstrip() + "\n"
+
 
 def render_run(rec: dict) -> list[str]:
     """Markdown lines of one record: `render_record` for a pipeline record (`skdcgn run --record`),
@@ -80,6 +85,7 @@ def render_run(rec: dict) -> list[str]:
     for section in rec.get("sections", {}).values():
         L += [f"### {section['title']}", "", section["markdown"].rstrip(), ""]
     return L
+
 
 def _render_cost(cost: dict) -> list[str]:
     bs = cost["batch_sizes"]
@@ -120,9 +126,11 @@ def _render_cost(cost: dict) -> list[str]:
         L += ["", "Peak memory: n/a on CPU (no reliable per-call measure; see `skdcgn.metrics.cost`)."]
     return L + [""]
 
+
 def _k(d: dict, b: int):
     """JSON turns int keys into strings; accept both."""
     return b if b in d else str(b)
+
 
 def _render_quality(q: dict) -> list[str]:
     L = ["### Quality: FID / KID in the domain network's feature space", "",
@@ -146,6 +154,7 @@ def _render_quality(q: dict) -> list[str]:
             L.append(f"| {r['pair']} | " + " | ".join(_n(pc[c], 2) for c in classes) + " |")
     L += [""] + _render_masks(q["mask_health"])
     return L
+
 
 def _render_masks(health: dict) -> list[str]:
     names = list(health)
@@ -178,11 +187,13 @@ def _render_masks(health: dict) -> list[str]:
 
 # ---- records of `skdcgn run --record` ------------------------------------------------------------
 
+
 def table_rows(results: dict) -> list[str]:
     """The rows present in `results`, in the table's order (JSON files keep keys sorted)."""
     names = {r for v in results.values() for r in v["table"]}
     order = [*ROWS, *HYBRID_ROWS, *(f"study_{c}" for c in COMPOSERS)]
     return [r for r in order if r in names] + sorted(names - set(order))
+
 
 def format_table(summary: dict) -> str:
     """The accuracy table (markdown): one row per training set, train / test (OOD) / test_iid per variant."""
@@ -202,12 +213,16 @@ def format_table(summary: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
 def _build_text(build: int) -> str:
     return f"data build {build}" + (" (digits resized bilinearly; later builds resize as the authors' loaders)"
                                     if build == 1 else "")
 
 # what does not change a classifier's accuracy (beyond run-to-run noise) or is what a summary combines
+
+
 _SUMMARY_FREE = ("variants", "rows", "composers", "seeds", "threads", "device", "students")
+
 
 def render_summaries(runs: dict) -> list[str]:
     """One table per protocol (preset, settings, device type) recorded more than once: for each
@@ -250,6 +265,7 @@ def render_summaries(runs: dict) -> list[str]:
         lines.append("")
     return lines
 
+
 def _settings_text(cfg: dict, students_from: str | None = None) -> str:
     students_from = students_from or (f"`{cfg['students']}`" if cfg.get("students") else None)
     return (f"teacher {cfg['teacher']}, students `{cfg['distill_preset']}`"
@@ -258,6 +274,7 @@ def _settings_text(cfg: dict, students_from: str | None = None) -> str:
             f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
             + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
             + f", accuracy on {cfg['eval_examples']:,} images per split")
+
 
 def render_record(rec: dict) -> list[str]:
     """The markdown of a recorded run (see `record_results`)."""
@@ -286,6 +303,7 @@ def render_record(rec: dict) -> list[str]:
         lines.append("")
     return lines
 
+
 def _stage_time_text(rec: dict) -> str:
     """Stage compute times from the artifacts (runs recorded before they were kept have none)."""
     parts = [f"{v}: students {t['students']:.0f} s, counterfactual sets {t['counterfactuals']:.0f} s, "
@@ -294,6 +312,7 @@ def _stage_time_text(rec: dict) -> str:
 
 
 # ---- the ImageNet cost record -------------------------------------------------------------------
+
 
 def render_imagenet(record: dict) -> str:
     """A markdown table of one `run_imagenet_bench` record."""
@@ -312,6 +331,7 @@ def render_imagenet(record: dict) -> str:
         lines.append(f"| {r['unit']} | {r['params']:.1f}× | {r['macs']:.0f}× | "
                      + " | ".join(f"{_at_batch(r['speed'], x):.1f}×" for x in b) + " |")
     return "\n".join(lines) + "\n"
+
 
 def _at_batch(values: dict, batch: int) -> float:
     """A per-batch-size value; JSON turns the int keys of a record read back from disk into strings."""

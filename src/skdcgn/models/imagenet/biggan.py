@@ -25,6 +25,7 @@ import dataclasses
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -381,7 +382,7 @@ def save_biggan_folder(biggan: nn.Module, config: ImageNetMechanismConfig, folde
     write_json(folder / BIGGAN_CONFIG, config.biggan_config())
 
 
-def random_cgn(config_for: "callable", seed: int = 0) -> CGN:
+def random_cgn(config_for: Callable[[str], ImageNetMechanismConfig], seed: int = 0) -> CGN:
     """A CGN of random-weight ImageNet mechanisms; `config_for(mechanism)` gives each config."""
     torch.manual_seed(seed)
     return CGN(**{m: ImageNetMechanism(config_for(m)) for m in MECHANISMS}).eval()
