@@ -4,7 +4,6 @@ range or dtype, devices and thread counts this machine cannot use, awkward paths
 before the command has started. Each case fails on the code before this test file existed."""
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from skdcgn.io import load_torch_state_dict, read_json, strip_wrapper_prefix, wr
 from skdcgn.models.cgn import CGN, MECHANISMS
 from skdcgn.models.cgn_mnist import load_original_cgn_mnist, shipped_teacher_path
 from skdcgn.models.pretrained import load_model
-from skdcgn.models.students import default_student_config, make_student
+from skdcgn.models.students import StudentConfig, make_student
 
 SRC = str(Path(skdcgn.__file__).resolve().parents[1])
 
@@ -102,7 +101,7 @@ def test_code_in_a_legacy_pickle_is_never_run(tmp_path):
 
 
 def test_saved_model_with_a_dataparallel_prefix_loads(tmp_path):
-    student = make_student(default_student_config("shape"))
+    student = make_student(StudentConfig(mechanism="shape"))
     student.save_pretrained(tmp_path / "s")
     from safetensors.torch import save_file
     sd = {f"module.{k}": v.contiguous() for k, v in student.state_dict().items()}
@@ -153,7 +152,7 @@ def test_teacher_and_students_sample_in_the_models_dtype(dtype):
     full = ref.sample(y, generator=torch.Generator().manual_seed(0))
     # the same noise at any precision: reduced precision only rounds (mask, textures, composite)
     assert all((a.float() - b).abs().mean() < 0.05 for a, b in zip(out, full))
-    students = CGN(*(make_student(default_student_config(m)) for m in MECHANISMS)).eval()
+    students = CGN(*(make_student(StudentConfig(mechanism=m, shifted_texture=m != "shape")) for m in MECHANISMS)).eval()
     out = students.to(dtype).sample(y, generator=torch.Generator().manual_seed(0))
     assert all(t.dtype == dtype and torch.isfinite(t.float()).all() for t in out)
 

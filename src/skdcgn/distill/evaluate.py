@@ -7,7 +7,6 @@ composites with the same noise and the same texture-shift seed).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from ..grids import image_grid, save_png, stack_grids
 from ..io import MANIFEST, read_json, write_json
 from ..models.cgn import CGN, MECHANISMS
+from ..metrics.cost import throughput, unit_fn
 from ..models.pretrained import load_model
 
 EVAL_FILE = "eval.json"
@@ -63,20 +63,11 @@ def compare_mechanism(teacher: nn.Module, student: nn.Module, name: str, n: int,
     return out
 
 
-@torch.no_grad()
 def composites_per_second(cgn: CGN, batch_size: int = 256, repeats: int = 5) -> float:
-    """Best-of-`repeats` composites per second of `cgn.sample` (noise, three mechanisms, shift, compose)."""
-    y = torch.arange(batch_size) % cgn.n_classes
-    g = torch.Generator().manual_seed(0)
-    cgn.sample(y, generator=g)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        cgn.sample(y, generator=g)
-        if cgn.device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return batch_size / best
+    """Composites per second of `cgn.sample` (noise, three mechanisms, shift, compose) at
+    `batch_size`: the median of `repeats` timings by the one timer, `metrics.cost.throughput`."""
+    fn = unit_fn(cgn, "composite", batch_size, cgn.device)
+    return throughput({"cgn": fn}, batch_size, cgn.device, warmup=1, repeats=repeats)["cgn"]
 
 
 @torch.no_grad()
@@ -122,12 +113,12 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
         g_t, g_s = torch.Generator().manual_seed(config.eval_seed), torch.Generator().manual_seed(config.eval_seed)
         y = torch.arange(n) % teacher_cgn.n_classes
         for start in range(0, n, eval_batch):
-            x_t = teacher_cgn.sample(y[start:start + eval_batch], generator=g_t)[3].cpu()
-            x_s = student_cgn.sample(y[start:start + eval_batch], generator=g_s)[3].cpu()
+            x_t = teacher_cgn.sample(y[start:start + eval_batch], generator=g_t).composite.cpu()
+            x_s = student_cgn.sample(y[start:start + eval_batch], generator=g_s).composite.cpu()
             l1.append((x_t - x_s).abs().flatten(1).mean(1))
         grid_y = torch.arange(3 * n_classes) % n_classes
-        x_t = teacher_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]
-        x_s = student_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1))[3]
+        x_t = teacher_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1)).composite
+        x_s = student_cgn.sample(grid_y, generator=torch.Generator().manual_seed(config.eval_seed + 1)).composite
         save_png(stack_grids([image_grid(x_t, n_classes, title="teacher composites"),
                               image_grid(x_s, n_classes, title="student composites")]), out_dir / "compare_composite.png")
         result["composite"] = {

@@ -17,17 +17,12 @@ import time
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import resolve_device
+from ..models.pretrained import count_params  # noqa: F401  (one counter; re-exported for the cost API)
 
 UNITS = ("shape", "foreground", "background", "composite")
-
-
-def count_params(module: nn.Module) -> int:
-    """Number of parameters (a tensor shared between submodules counts once)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 @torch.no_grad()

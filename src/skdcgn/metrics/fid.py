@@ -226,13 +226,6 @@ def intra_fid(features_a: np.ndarray | Tensor, labels_a: np.ndarray | Tensor,
     return per_class(fid, features_a, labels_a, features_b, labels_b, classes, min_samples)
 
 
-def intra_kid(features_a, labels_a, features_b, labels_b, classes: Sequence[int] | None = None,
-              subsets: int = 20, subset_size: int = 200, seed: int = 0) -> dict:
-    """KID per class and its mean; see `per_class`."""
-    return per_class(lambda xa, xb: kid(xa, xb, subsets, subset_size, seed)[0],
-                     features_a, labels_a, features_b, labels_b, classes)
-
-
 def _as_labels(labels: np.ndarray | Tensor, n: int) -> np.ndarray:
     if isinstance(labels, Tensor):
         labels = labels.detach().cpu().numpy()
@@ -423,6 +416,3 @@ def inception_score(probs: np.ndarray | Tensor, splits: int = 10) -> tuple[float
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def features_fingerprint(*parts: object) -> str:
-    """A short hash to key cached real-data statistics (extractor name, dataset arguments…)."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

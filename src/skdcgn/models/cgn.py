@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..compose import compose, random_shift
 from ..errors import SkdcgnError
 from ..io import read_json, write_json
-from .pretrained import PretrainedModel, load_model
+from .pretrained import PretrainedModel, count_params, load_model
 
 MECHANISMS = ("shape", "foreground", "background")
 INDEX_FILE = "cgn.json"
@@ -59,7 +59,7 @@ class CGN(nn.Module):
 
     def get_num_params(self) -> int:
         """Parameters of the three mechanisms; tensors they share (an embedding) count once."""
-        return sum(p.numel() for p in self.parameters())  # shared tensors count once
+        return count_params(self)
 
     @property
     def device(self) -> torch.device:

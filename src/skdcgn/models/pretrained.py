@@ -25,6 +25,12 @@ _REGISTRY: dict[str, type["PretrainedModel"]] = {}
 M = TypeVar("M", bound="PretrainedModel")
 
 
+def count_params(module: nn.Module) -> int:
+    """Number of parameters of `module` (a tensor shared between submodules counts once): the
+    one count behind `get_num_params` and the cost tables."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def register(cls: type[M]) -> type[M]:
     """Class decorator: make `cls` loadable by name from a saved folder."""
     _REGISTRY[cls.__name__] = cls
@@ -45,7 +51,7 @@ class PretrainedModel(nn.Module):
 
     def get_num_params(self) -> int:
         """Number of parameter elements (tensors shared between modules count once)."""
-        return sum(p.numel() for p in self.parameters())
+        return count_params(self)
 
     @property
     def dtype(self) -> torch.dtype:

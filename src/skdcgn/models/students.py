@@ -211,13 +211,6 @@ class TextureStudent(StudentGenerator):
         return self.activate(self.pre_activation(u, y))
 
 
-def default_student_config(mechanism: str, **overrides) -> StudentConfig:
-    """The default (budgeted) student for a mechanism: ≤ 25% of the teacher's parameters."""
-    cfg = StudentConfig(mechanism=mechanism, shifted_texture=mechanism != "shape", **overrides)
-    cfg.validate()
-    return cfg
-
-
 # TinyGAN-style ImageNet students (1000 classes, BigGAN's 128-d noise), each ≤ 1/15 of a
 # BigGAN-deep-256 (55,880,833 parameters): see docs/imagenet.md for counts and speed.
 IMAGENET_WIDTHS = {128: (256, 192, 128, 64, 32), 256: (256, 192, 128, 64, 32, 16)}
