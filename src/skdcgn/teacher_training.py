@@ -59,7 +59,7 @@ from .compose import compose
 from .config import config_from_dict, resolve_device
 from .errors import SkdcgnError
 from .images import to_float
-from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
+from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete, write_bytes, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
@@ -344,8 +344,16 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
 
     Writes `run_dir/teacher/` (see the module doc). A complete stage with the same config is not
     retrained; an interrupted one resumes from its last checkpoint. `on_step(step)` is called
-    after each completed step (tests use it to interrupt a run).
+    after each completed step (tests use it to interrupt a run). A checkpoint or finished teacher
+    of other settings is refused in one line naming the setting (the finished one is kept).
+    `run_dir/teacher` is locked while training (`io.folder_lock`).
     """
+    with folder_lock(Path(run_dir) / STAGE):
+        return _train_teacher(variant, run_dir, config, progress, on_step)
+
+
+def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None,
+                   progress: bool, on_step: Callable[[int], None] | None) -> CGN:
     from tqdm import tqdm
 
     config = config or preset_config("quick")
@@ -376,8 +384,8 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     stats = PatchStatistics(seed=config.seed).to(device)
     gen = torch.Generator().manual_seed(config.seed + 1)  # noise, texture shifts, dropout (CPU)
 
-    # Resume, or start afresh. Any manifest goes first: the stage is incomplete until the end.
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    # Resume, or start afresh. Any manifest goes (once the checkpoint is known to fit): the stage is
+    # incomplete until the end.
     ckpt_path = train_dir / "checkpoint.pt"
     csv_path = train_dir / "losses.csv"
     step = 0
@@ -400,10 +408,12 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}; delete it to start over")
         if step > config.steps:
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
         _trim_csv(csv_path, step)
         print(f"resuming {stage_dir} from step {step}")
-    elif csv_path.exists():
-        csv_path.unlink()  # losses of a run whose checkpoint is gone
+    else:
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        csv_path.unlink(missing_ok=True)  # losses of a run whose checkpoint is gone
     write_json(train_dir / "config.json", {"variant": variant, **dataclasses.asdict(config)})
 
     def checkpoint() -> None:
@@ -419,6 +429,7 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     if new_csv:
         writer.writerow(LOSS_COLUMNS)
     n, k = images.shape[0], cgn.n_classes
+    resumed_at = step
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"teacher {variant}", unit="step")
     try:
@@ -474,14 +485,16 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     finally:
         bar.close()
         csv_file.close()
-    checkpoint()  # the final state: a later run with more steps continues from here
+    if step != resumed_at:  # (a run killed during the export resumes at the final step: its checkpoints stay as they are)
+        checkpoint()  # the final state: a later run with more steps continues from here
     train_seconds = time.perf_counter() - t0
 
     # Export: eval-mode teacher with recalibrated BatchNorm statistics, grids, manifest last.
     teacher = recalibrate_batchnorm(copy.deepcopy(cgn).cpu(), config.bn_recalibration_batches, seed=config.seed + 2)
     teacher.save_pretrained(stage_dir)
     _write_grids(teacher, stage_dir, "grid")
-    write_manifest(stage_dir, stage_cfg, steps_done=step, train_seconds_this_session=round(train_seconds, 1),
+    write_manifest(stage_dir, stage_cfg, files=[f"{m}/{f}" for m in ("shape", "foreground", "background")
+                                                for f in ("config.json", "model.safetensors")], steps_done=step, train_seconds_this_session=round(train_seconds, 1),
                    parameters=teacher.get_num_params(), discriminator=dataclasses.asdict(disc.config))
     return _load_teacher(stage_dir)
 
