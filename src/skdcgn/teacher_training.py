@@ -300,7 +300,7 @@ def _check_resumable(saved: dict, current: dict, variant: str, saved_variant: st
     for k, v in current.items():
         if k not in RESUMABLE_FIELDS and saved.get(k) != v:
             raise SkdcgnError(f"{where}: checkpoint has {k}={saved.get(k)!r}, this run asks for {v!r}; "
-                              "use another run dir or the same settings")
+                              "use another run dir, the same settings, or --overwrite")
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -339,21 +339,35 @@ def _trim_csv(path: Path, last_step: int) -> None:
 
 
 def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None = None,
-                  progress: bool = True, on_step: Callable[[int], None] | None = None) -> CGN:
+                  progress: bool = True, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> CGN:
     """Train a CGN teacher on `variant`'s training split; returns it (eval mode).
 
     Writes `run_dir/teacher/` (see the module doc). A complete stage with the same config is not
     retrained; an interrupted one resumes from its last checkpoint. `on_step(step)` is called
     after each completed step (tests use it to interrupt a run). A checkpoint or finished teacher
-    of other settings is refused in one line naming the setting (the finished one is kept).
+    of other settings is refused in one line naming the setting (the finished one is kept), unless
+    `overwrite`: then the stage starts over. More `steps` are not other settings: training continues.
     `run_dir/teacher` is locked while training (`io.folder_lock`).
     """
     with folder_lock(Path(run_dir) / STAGE):
-        return _train_teacher(variant, run_dir, config, progress, on_step)
+        return _train_teacher(variant, run_dir, config, progress, on_step, overwrite)
+
+
+def _discard_teacher(stage_dir: Path) -> None:
+    """Remove what teacher training writes (and nothing else): the start of an overwrite."""
+    import shutil
+
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "losses.csv", "config.json"):
+        (stage_dir / "train" / name).unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "train" / "samples", ignore_errors=True)
+    for name in (MANIFEST, "cgn.json", "grid.png", "grid_mechanisms.png"):
+        (stage_dir / name).unlink(missing_ok=True)
+    for m in ("shape", "foreground", "background"):
+        shutil.rmtree(stage_dir / m, ignore_errors=True)
 
 
 def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None,
-                   progress: bool, on_step: Callable[[int], None] | None) -> CGN:
+                   progress: bool, on_step: Callable[[int], None] | None, overwrite: bool = False) -> CGN:
     from tqdm import tqdm
 
     config = config or preset_config("quick")
@@ -390,6 +404,13 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
     csv_path = train_dir / "losses.csv"
     step = 0
     saved = _load_checkpoint(ckpt_path)
+    if saved is not None and overwrite:
+        try:
+            _check_resumable(saved["config"] if isinstance(saved["config"], dict) else {}, dataclasses.asdict(config),
+                             variant, saved.get("variant"), ckpt_path)
+        except SkdcgnError:  # other settings, and asked to overwrite: start over
+            _discard_teacher(stage_dir)
+            saved = None
     if saved is not None:
         if not isinstance(saved["config"], dict):
             raise SkdcgnError(f"{ckpt_path}: not a teacher-training checkpoint (no config); delete it to start over")
