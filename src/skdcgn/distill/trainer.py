@@ -45,7 +45,7 @@ from ..config import config_from_dict, resolve_device
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (MANIFEST, check_finite, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
-                  remove_stale_temporaries, stage_complete, write_bytes, write_csv, write_manifest)
+                  remove_stale_temporaries, stage_complete, verify_manifest, write_bytes, write_csv, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
@@ -234,8 +234,12 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
                                    derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
                                    latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes, device=device,
                                    shard_format=config.shard_format)
-            if stage_complete(student_dir, student_stage(m, config, tcfg, env)):
-                continue
+            if stage_complete(student_dir, student_stage(m, config, tcfg, env), verify=False):
+                try:
+                    verify_manifest(student_dir)
+                    continue
+                except SkdcgnError:
+                    pass  # train_student says which file changed, and regenerates it
         source: TransferSet | OnlineTeacher
         if config.online:
             source = OnlineTeacher(mech, mech.config.latent_dim, mech.config.n_classes, device=device)
@@ -313,10 +317,12 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
     if recorded is not None and not isinstance(recorded, dict):
         recorded = {}  # a malformed record: other settings
     if refuse_other_settings(out_dir, f"a {mechanism} student", recorded, stage, overwrite):
-        for name in (MANIFEST, CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
-            (out_dir / name).unlink(missing_ok=True)
-        for png in (out_dir / "samples").glob("step_*.png"):
-            png.unlink()
+        if env.is_main:  # (rank 0 writes the folder; the others wait for it)
+            for name in (MANIFEST, CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
+                (out_dir / name).unlink(missing_ok=True)
+            for png in (out_dir / "samples").glob("step_*.png"):
+                png.unlink()
+        barrier(env)
         state = None
     n_steps = config.steps_for(mechanism)
     is_mask = mechanism == "shape"
