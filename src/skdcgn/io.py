@@ -476,7 +476,7 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SkdcgnError(f"could not create {folder}: {e.strerror or e}") from None
+        raise SkdcgnError(f"could not write {folder}: {e.strerror or e}") from None
     path = folder / LOCK
     key = str(path.resolve())
     if key in _HELD:
@@ -490,6 +490,9 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                yield  # a folder no one here can write to: nothing to protect (a finished stage is only read)
+                return
             raise SkdcgnError(f"could not lock {folder}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
