@@ -330,6 +330,25 @@ def test_a_second_writer_of_a_folder_gets_one_line_and_a_dead_ones_lock_is_stale
     assert not (out / ".skdcgn.lock").exists()
 
 
+def test_a_second_counterfactuals_into_a_folder_being_written_is_refused(tmp_path, capsys):
+    """The issue's case, made deterministic: while one `skdcgn counterfactuals` writes a folder, another
+    with another seed and --overwrite is refused in one line; the first finishes a dataset of its seed."""
+    out = tmp_path / "data"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-m", "skdcgn", *map(str, _cf(out, seed=1, n=1000))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    end = time.monotonic() + 120
+    while not (out / "shard_00001.safetensors").exists() and first.poll() is None and time.monotonic() < end:
+        time.sleep(0.005)
+    assert first.poll() is None, "the first run ended before the second started; make it larger"
+    rc, lines = _run(_cf(out, seed=2, n=1000, extra=("--overwrite",)), capsys)
+    _one_line(rc, lines, str(out), "is being written by", f"pid {first.pid}")
+    assert first.wait(timeout=300) == 0
+    manifest = read_json(out / "manifest.json")
+    assert manifest["config"]["seed"] == 1
+    assert {tensor_file_metadata(out / s["file"])["config_hash"] for s in manifest["shards"]} == {manifest["config_hash"]}
+
+
 def test_two_counterfactual_runs_into_one_folder_never_mix(tmp_path):
     """Both with --overwrite and other seeds, started together: one finishes, the other gets one
     line (or, started after, replaces it whole); the result is always one seed's dataset."""
