@@ -78,7 +78,6 @@ def _write_failure(e: BaseException, folder: Path) -> str:
 
 
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")  # what atomic_path creates
-_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # what safetensors' own writer left when killed (earlier skdcgn versions used it)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
@@ -91,7 +90,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
     for p in folder.iterdir():
         if p.is_symlink():
             continue
-        if p.is_file() and (_TMP_NAME.match(p.name) or _SAFETENSORS_TMP.match(p.name)):
+        if p.is_file() and _TMP_NAME.match(p.name):
             p.unlink(missing_ok=True)
             n += 1
         elif p.is_dir() and depth > 0:
@@ -329,6 +328,7 @@ def write_manifest(stage_dir: str | os.PathLike, config: dict, files: Sequence[s
     removed first.
     """
     remove_stale_temporaries(stage_dir)
+    remove_safetensors_temporaries(stage_dir)
     manifest = {"config": config, "config_hash": config_hash(config), "skdcgn_version": __version__}
     if files:
         manifest["files"] = {name: sha256_file(Path(stage_dir) / name) for name in files}
@@ -338,6 +338,28 @@ def write_manifest(stage_dir: str | os.PathLike, config: dict, files: Sequence[s
 
 
 # ---- integrity: recorded digests, checked where data is consumed ---------------------------------
+
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own writer's temporary name
+
+
+def remove_safetensors_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
+    """Delete the `.tmpXXXXXX` files that safetensors' own file writer left when killed (skdcgn
+    versions before `save_tensors` serialised in memory used it) in `folder` and its subfolders;
+    return how many. Call it only while no other process writes there (under `folder_lock`)."""
+    n = 0
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    for p in folder.iterdir():
+        if p.is_symlink():
+            continue
+        if p.is_file() and _SAFETENSORS_TMP.match(p.name):
+            p.unlink(missing_ok=True)
+            n += 1
+        elif p.is_dir() and depth > 0:
+            n += remove_safetensors_temporaries(p, depth - 1)
+    return n
+
 
 def recorded_digests(manifest: dict) -> dict[str, str]:
     """{relative path: sha256} of every file a manifest records (its `files` and its `shards`)."""

@@ -36,7 +36,8 @@ from PIL import Image, ImageColor
 from .. import __version__
 from ..errors import SkdcgnError
 from ..images import to_float
-from ..io import cache_dir, config_hash, folder_lock, load_tensors, remove_stale_temporaries, save_tensors, tensor_digest
+from ..io import (cache_dir, config_hash, folder_lock, load_tensors, remove_safetensors_temporaries,
+                  remove_stale_temporaries, save_tensors, tensor_digest)
 from .mnist import load_mnist, mnist_fingerprint
 
 VARIANTS = ("colored", "double_colored", "wildlife")
@@ -326,6 +327,7 @@ def load_variant_uint8(name: str, split: str, seed: int = 0, mnist_dir: str | os
     images, labels = build_variant(name, split, seed, mnist_dir)
     with folder_lock(path.parent, wait=True):
         remove_stale_temporaries(path.parent, depth=0)  # no one else writes here now: any temporary is a killed write's
+        remove_safetensors_temporaries(path.parent, depth=0)
         save_tensors(path, {"images": images, "labels": labels},
                      metadata={"variant": name, "split": split, "seed": str(seed), "skdcgn_version": __version__,
                                "sha256": tensor_digest({"images": images, "labels": labels})})
