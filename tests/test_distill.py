@@ -69,12 +69,13 @@ def test_transfer_set_refuses_paths_outside_its_folder(tiny_teacher, tmp_path):
         TransferSet(folder)
 
 
-def _train(tiny_teacher, tmp_path, name, mechanism="shape", stop_after=None, **overrides):
+def _train(tiny_teacher, tmp_path, name, mechanism="shape", stop_after=None, overwrite=False, **overrides):
     cfg = tiny(**overrides)
     folder = query_teacher(tiny_teacher[mechanism], tmp_path / "transfer" / mechanism, cfg.n_transfer, cfg.shard_size,
                            seed=1, progress=False)
     out = tmp_path / name
-    return train_student(mechanism, TransferSet(folder), out, cfg, progress=False, stop_after=stop_after), out
+    return train_student(mechanism, TransferSet(folder), out, cfg, progress=False, stop_after=stop_after,
+                         overwrite=overwrite), out
 
 
 def test_a_few_steps_lower_the_distillation_loss(tiny_teacher, tmp_path):
@@ -163,7 +164,10 @@ def test_where_a_student_was_trained_is_not_part_of_what_it_is(tiny_teacher, tmp
     stamp = (out / "manifest.json").stat().st_mtime_ns
     b, _ = _train(tiny_teacher, tmp_path, "s", threads=0)  # reused, not trained again
     assert (out / "manifest.json").stat().st_mtime_ns == stamp and _tensors_equal(a.state_dict(), b.state_dict())
-    _train(tiny_teacher, tmp_path, "s", steps=7)  # what it is: trained again
+    with pytest.raises(SkdcgnError, match=r"other settings \(distill.steps: 6 there, 7 now\)"):
+        _train(tiny_teacher, tmp_path, "s", steps=7)  # what it is: refused, the finished student kept...
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    _train(tiny_teacher, tmp_path, "s", steps=7, overwrite=True)  # ...unless asked: trained again
     assert (out / "manifest.json").stat().st_mtime_ns != stamp
 
 

@@ -100,6 +100,64 @@ def _synthetic_dataset(folder: Path, n: int = 96) -> None:
     write_manifest(folder, {"synthetic": n}, shards=[{"file": "shard_00000.safetensors", "count": n}], n_classes=10)
 
 
+# ---- every file of a run folder, compared (only the time each took may differ) --------------------------
+
+def _timed(key: str) -> bool:
+    """A field that records how long something took (or when): the one thing a resumed run may change."""
+    return key in ("seconds", "elapsed", "timings") or key.endswith(("seconds", "_seconds", "_s", "seconds_this_session"))
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not _timed(str(k))}
+    if isinstance(obj, (list, tuple)):
+        return [_untimed(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return "nan"  # NaN != NaN: a logged loss not computed at that step
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.dtype, tuple(obj.shape), obj.flatten().view(torch.uint8).tolist() if obj.numel() else [])
+    return obj
+
+
+def _content(path: Path):
+    """What a file holds, with its time-valued fields left out; bytes for everything else."""
+    import csv
+    import io
+    import json
+
+    if path.suffix == ".json":
+        return _untimed(json.loads(path.read_text()))
+    if path.suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(path.read_text())))
+        keep = [i for i, name in enumerate(rows[0]) if not _timed(name)] if rows else []
+        return [[r[i] for i in keep if i < len(r)] for r in rows]
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "rows" in state and "elapsed" in state:  # distillation: a row ends with its time
+            state = {**state, "rows": [list(r)[:-1] for r in state["rows"]]}
+        return _untimed(state)
+    if path.name == "checkpoint.safetensors":  # classifier: tensors, and the log (with seconds) in its metadata
+        import json as _json
+
+        from skdcgn.io import load_tensors, tensor_file_metadata
+
+        meta = tensor_file_metadata(path)
+        meta["resume"] = _untimed(_json.loads(meta.get("resume", "{}")))
+        return _untimed(load_tensors(path)), meta
+    return path.read_bytes()
+
+
+def _assert_same_folder(ref: Path, out: Path) -> None:
+    """Every file of `out` (logs, manifests, checkpoints, samples, temporaries, locks) is in `ref`,
+    every file of `ref` in `out`, with the same content but for the time each step took."""
+    def files(d: Path) -> list[str]:
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    assert files(out) == files(ref)
+    for name in files(ref):
+        assert _content(out / name) == _content(ref / name), f"{name} differs from an uninterrupted run's"
+
+
 def _temporaries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
 
@@ -174,12 +232,42 @@ def test_sigterm_then_sigkills_then_resume_is_bitwise_identical(stage, reference
     if not stage.done(out).exists():
         (stage.done(out).parent / ".model.safetensors.k1ll3d00.tmp").write_bytes(b"half a file")
 
-    # 3. resume to the end: bitwise the uninterrupted run's artifacts, no temporary file left
+    # 3. resume to the end: bitwise the uninterrupted run's artifacts, no temporary file left, and
+    #    every file of the folder as in the uninterrupted run (logs, manifests, checkpoints: but for times)
     capfd.readouterr()
     assert main(argv) == 0
     for a, b in zip(stage.artifacts(ref), stage.artifacts(out)):
         assert b.read_bytes() == a.read_bytes(), f"{b.relative_to(out)} differs from an uninterrupted run's"
     assert _temporaries(out) == []
+    _assert_same_folder(ref, out)
+
+
+LAST_CHECKPOINT = {  # the file a stage writes last before its final export (what it resumes from)
+    "counterfactuals": "shard_00009.safetensors",
+    "classifier": "checkpoint.safetensors",
+    "teacher": "teacher/train/checkpoint.pt",
+    "distill": "distill/students/shape/checkpoint.pt",
+}
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=[s.name for s in STAGES])
+def test_a_kill_right_after_the_last_checkpoint_resumes_to_the_same_folder(stage, references, tmp_path):
+    """The crash window a random kill rarely hits, made exact: every file written after the stage's
+    last checkpoint (its log, its model, its manifest...) is taken away, as a SIGKILL at that moment
+    would leave the folder; the resumed run must end with every file as the uninterrupted run's."""
+    import shutil
+
+    ref = references[stage.name]
+    out = tmp_path / stage.name
+    shutil.copytree(ref, out)
+    (tmp_path / "data").symlink_to(ref.parent / "data")
+    last = (out / LAST_CHECKPOINT[stage.name]).stat().st_mtime_ns
+    later = [p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime_ns > last]
+    assert stage.done(out) in later
+    for p in later:
+        p.unlink()
+    assert main(stage.argv(out)) == 0
+    _assert_same_folder(ref, out)
 
 
 def test_sigterm_handler_is_only_installed_while_a_command_runs(tmp_path):

@@ -183,6 +183,7 @@ def test_reader_refuses_escaping_paths_and_wrong_dtypes(tmp_path):
     with pytest.raises(SkdcgnError, match="leaves its folder"):
         load_image_dataset(out)
     manifest["shards"][0]["file"] = "bad.safetensors"
+    del manifest["shards"][0]["sha256"]  # a hand-made manifest without digests: the content is still checked
     (out / "manifest.json").write_text(json.dumps(manifest))
     from skdcgn.io import save_tensors
     save_tensors(out / "bad.safetensors", {"images": torch.zeros(10, 3, 32, 32), "labels": torch.zeros(10, dtype=torch.long)})

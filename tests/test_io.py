@@ -105,3 +105,52 @@ def test_cuda_requested_without_cuda_is_clear():
     with pytest.raises(SkdcgnError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_first_difference_names_the_dotted_setting():
+    from skdcgn.io import first_difference
+
+    assert first_difference({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 2, "d": 4}}) == "b.d: 3 there, 4 now"
+    assert first_difference({"a": 1}, {"a": 1, "z": (1, 2)}) == "z: '<absent>' there, (1, 2) now"
+
+
+def test_refuse_other_settings_is_the_one_rerun_rule(tmp_path):
+    from skdcgn.io import refuse_other_settings
+
+    assert refuse_other_settings(tmp_path, "a thing", None, {"lr": 1}, overwrite=False) is False  # nothing there
+    assert refuse_other_settings(tmp_path, "a thing", {"lr": 1}, {"lr": 1}, overwrite=False) is False  # the same
+    with pytest.raises(SkdcgnError, match=r"holds a thing made with other settings \(lr: 1 there, 2 now\).*--overwrite"):
+        refuse_other_settings(tmp_path, "a thing", {"lr": 1}, {"lr": 2}, overwrite=False)
+    assert refuse_other_settings(tmp_path, "a thing", {"lr": 1}, {"lr": 2}, overwrite=True) is True
+
+
+def test_manifest_digests_are_checked_by_stage_complete_and_check_recorded(tmp_path, capsys):
+    from skdcgn.io import check_recorded, stage_complete, write_bytes, write_manifest
+
+    write_bytes(tmp_path / "sub" / "a.bin", b"abc")
+    write_manifest(tmp_path, {"x": 1}, files=["sub/a.bin"])
+    assert stage_complete(tmp_path, {"x": 1})
+    check_recorded(tmp_path / "sub" / "a.bin")  # recorded one folder up: checked, fine
+    write_bytes(tmp_path / "sub" / "a.bin", b"abd")
+    assert not stage_complete(tmp_path, {"x": 1})
+    assert "a.bin" in capsys.readouterr().err
+    with pytest.raises(SkdcgnError, match="a.bin: sha256 .* differs"):
+        check_recorded(tmp_path / "sub" / "a.bin")
+    check_recorded(tmp_path / "unrecorded.bin")  # nothing recorded: nothing to check
+    (tmp_path / "sub" / "a.bin").unlink()
+    assert not stage_complete(tmp_path, {"x": 1})
+    assert "missing" in capsys.readouterr().err
+
+
+def test_folder_lock_is_reentrant_leaves_nothing_and_removes_a_folder_it_made(tmp_path):
+    from skdcgn.io import LOCK, folder_lock
+
+    with folder_lock(tmp_path / "new" / "deep"):
+        assert (tmp_path / "new" / "deep" / LOCK).is_file()
+        with folder_lock(tmp_path / "new" / "deep"):  # the same process: re-entered, not refused
+            pass
+        assert (tmp_path / "new" / "deep" / LOCK).is_file()
+    assert not (tmp_path / "new").exists()  # made for the lock, left empty: removed
+    with folder_lock(tmp_path / "kept"):
+        (tmp_path / "kept" / "result").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["result"]

@@ -97,8 +97,13 @@ def test_resume_refuses_a_different_config(tmp_path, synthetic):
     tt.train_teacher("double_colored", tmp_path, _tiny(steps=2), progress=False)
     tt.train_teacher("double_colored", tmp_path, _tiny(steps=3), progress=False)  # more steps: continues
     assert read_json(tmp_path / "teacher" / "manifest.json")["steps_done"] == 3
+    manifest = (tmp_path / "teacher" / "manifest.json").read_bytes()
     with pytest.raises(SkdcgnError, match="lr"):
         tt.train_teacher("double_colored", tmp_path, _tiny(steps=4, lr=1e-3), progress=False)
+    assert (tmp_path / "teacher" / "manifest.json").read_bytes() == manifest  # the finished teacher is kept
+    tt.train_teacher("double_colored", tmp_path, _tiny(steps=2, lr=1e-3), progress=False, overwrite=True)
+    assert read_json(tmp_path / "teacher" / "manifest.json")["config"]["lr"] == 1e-3
+    assert read_json(tmp_path / "teacher" / "manifest.json")["steps_done"] == 2
 
 
 @pytest.mark.parametrize("values, match", [

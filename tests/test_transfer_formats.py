@@ -47,8 +47,10 @@ def test_tar_shards_are_reproducible_and_resume(tiny_teacher, tmp_path):
     query_teacher(mech, part, n=60, shard_size=20, seed=2, progress=False, shard_format="tar")
     for i in range(3):
         assert (full / f"shard_{i:05d}.tar").read_bytes() == (part / f"shard_{i:05d}.tar").read_bytes()
-    # another seed is another config: its shards replace these, none is kept by mistake
-    other = query_teacher(mech, part, n=60, shard_size=20, seed=3, progress=False, shard_format="tar")
+    # another seed is another config: refused in one line, or (asked to) its shards replace these, none kept by mistake
+    with pytest.raises(SkdcgnError, match=r"other settings \(seed: 2 there, 3 now\)"):
+        query_teacher(mech, part, n=60, shard_size=20, seed=3, progress=False, shard_format="tar")
+    other = query_teacher(mech, part, n=60, shard_size=20, seed=3, progress=False, shard_format="tar", overwrite=True)
     assert not torch.equal(TransferSet(other).u, TransferSet(full).u)
 
 

@@ -30,8 +30,9 @@ from .compose import COMPOSERS, compose_variant
 from .errors import SkdcgnError
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
-from .io import (MANIFEST, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file, stage_complete,
-                 tensor_file_metadata, write_json, write_manifest)
+from .io import (MANIFEST, confined, config_hash, first_difference, folder_lock, load_tensors, read_json,
+                 recorded_digests, refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata,
+                 verify_file, write_json, write_manifest)
 
 PROGRESS = "progress.json"
 PREVIEW = "preview.png"
@@ -86,11 +87,7 @@ def _generate_shard(cgn, n_images: int, per_shape: int, seed: int, shard: int, c
     return {name: torch.cat(ts)[:n_images].contiguous() for name, ts in out.items()}
 
 
-def _first_difference(old: dict, new: dict) -> str:
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"{key}: {old.get(key)!r} there, {new.get(key)!r} now"
-    return "unknown difference"
+_first_difference = first_difference  # (kept for callers of the old name)
 
 
 def _clear(out_dir: Path) -> None:
@@ -127,35 +124,46 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
     config = {"stage": "counterfactuals", "cgn_weights": weights_hash(cgn), "n": n, "per_shape": per_shape,
               "seed": seed, "composer": composer, "counterfactual": bool(counterfactual),
               "shard_size": shard_size, "batch_shapes": batch_shapes}
-    if stage_complete(out_dir, config):
-        return out_dir
-    for marker in (PROGRESS, MANIFEST):
-        path = out_dir / marker
-        if path.is_file():
-            old = read_json(path).get("config", {})
-            if config_hash(old) != config_hash(config):
-                if not overwrite:
-                    raise SkdcgnError(f"{out_dir} holds a dataset made with other settings "
-                                      f"({_first_difference(old, config)}); choose another folder or overwrite it")
-                _clear(out_dir)
-                break
-    write_json(out_dir / PROGRESS, {"config": config, "cgn": cgn_name})
+    with folder_lock(out_dir):  # two processes never write one dataset at once
+        if stage_complete(out_dir, config):
+            return out_dir
+        recorded: dict[str, str] = {}  # shard digests of a finished dataset of this config: a changed shard is rewritten
+        for marker in (MANIFEST, PROGRESS):
+            path = out_dir / marker
+            if path.is_file():
+                record = read_json(path)
+                old = record.get("config", {})
+                if refuse_other_settings(out_dir, "a dataset", old, config, overwrite):
+                    _clear(out_dir)
+                    break
+                if marker == MANIFEST:
+                    recorded = recorded_digests(record)
+        write_json(out_dir / PROGRESS, {"config": config, "cgn": cgn_name})
 
-    cgn.eval()
-    t0 = time.perf_counter()
-    shards, chash = [], config_hash(config)
-    bar = tqdm(total=n, desc="counterfactuals", unit="img", disable=not progress, dynamic_ncols=True)
-    for i in range(n_shards):
-        count = min(shard_size, n - i * shard_size)
-        path = out_dir / SHARD_PATTERN.format(i)
-        tag = {"config_hash": chash, "shard": str(i)}
-        if not _shard_ok(path, count, tag):  # shards are atomic: a tagged one is complete
-            tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes)
-            save_tensors(path, tensors, metadata=tag)
-        shards.append({"file": path.name, "count": count, "sha256": sha256_file(path)})
-        bar.update(count)
-    bar.close()
+        cgn.eval()
+        t0 = time.perf_counter()
+        shards, chash = [], config_hash(config)
+        bar = tqdm(total=n, desc="counterfactuals", unit="img", disable=not progress, dynamic_ncols=True)
+        for i in range(n_shards):
+            count = min(shard_size, n - i * shard_size)
+            path = out_dir / SHARD_PATTERN.format(i)
+            tag = {"config_hash": chash, "shard": str(i)}
+            digest = sha256_file(path) if path.is_file() else None
+            if recorded.get(path.name, digest) != digest or not _shard_ok(path, count, tag):
+                # shards are atomic: a tagged one is complete, unless it changed after the manifest recorded it
+                tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes)
+                save_tensors(path, tensors, metadata=tag)
+                digest = sha256_file(path)
+            shards.append({"file": path.name, "count": count, "sha256": digest})
+            bar.update(count)
+        bar.close()
+        _finish(out_dir, config, shards, cgn, cgn_name, per_shape, counterfactual, composer, t0)
+    return out_dir
 
+
+def _finish(out_dir: Path, config: dict, shards: list[dict], cgn, cgn_name: str | None, per_shape: int,
+            counterfactual: bool, composer: str, t0: float) -> None:
+    """The preview, then the manifest (last): the dataset is complete."""
     first = load_tensors(out_dir / shards[0]["file"])
     rows = min(10, math.ceil(shards[0]["count"] / per_shape))
     cols = min(per_shape, 10)
@@ -170,7 +178,6 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
                    image_shape=list(first["images"].shape[1:]), preview=PREVIEW,
                    label_counts=torch.bincount(labels, minlength=cgn.n_classes).tolist(),
                    seconds=round(time.perf_counter() - t0, 2))
-    return out_dir
 
 
 def _shard_ok(path: Path, count: int, tag: dict[str, str]) -> bool:
@@ -190,7 +197,9 @@ def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
 
     dtype: float32 (in [-1, 1], the default) or uint8 (as stored, 4× smaller).
     with_classes: also return (y_fg, y_bg), the texture classes each image was composed with.
-    Every shard is validated (keys, dtypes, shapes, label range) and must lie inside `folder`.
+    Every shard is validated (keys, dtypes, shapes, label range) and must lie inside `folder`,
+    must have the sha256 the manifest records for it (when it records one), and may be listed
+    only once; the counts must add up to the manifest's `n`. Raises SkdcgnError naming the file.
     """
     folder = Path(folder)
     if dtype not in (torch.float32, torch.uint8):
@@ -203,10 +212,20 @@ def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
         raise SkdcgnError(f"{folder / MANIFEST}: expected a non-empty 'shards' list and 'n_classes'")
     parts: dict[str, list[Tensor]] = {"images": [], "labels": [], "y_fg": [], "y_bg": []}
     image_shape = None
+    seen: set[Path] = set()
+    total = manifest.get("config", {}).get("n") if isinstance(manifest.get("config"), dict) else None
+    counts = [s.get("count") if isinstance(s, dict) else None for s in shards]
+    if isinstance(total, int) and all(isinstance(c, int) for c in counts) and sum(counts) != total:
+        raise SkdcgnError(f"{folder / MANIFEST}: its shards hold {sum(counts)} images, its config says n = {total}")
     for s in shards:
         if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not isinstance(s.get("count"), int):
             raise SkdcgnError(f"{folder / MANIFEST}: malformed shard entry {s!r}")
         path = confined(folder, s["file"])
+        if path in seen:
+            raise SkdcgnError(f"{folder / MANIFEST}: lists {s['file']} twice")
+        seen.add(path)
+        if isinstance(s.get("sha256"), str):
+            verify_file(path, s["sha256"], folder / MANIFEST)
         t = load_tensors(path)
         x, y = t.get("images"), t.get("labels")
         if x is None or y is None:

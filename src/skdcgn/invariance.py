@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,8 @@ from .config import resolve_device
 from .counterfactuals import derive_seed
 from .images import to_float, validate_images
 from .errors import SkdcgnError
-from .io import check_finite, config_hash, load_tensors, save_tensors, stage_complete, write_csv, write_manifest
+from .io import (MANIFEST, check_finite, config_hash, folder_lock, load_tensors, read_json, refuse_other_settings, save_tensors,
+                 stage_complete, tensor_file_metadata, write_csv, write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -94,7 +96,7 @@ def data_hash(images: Tensor, labels: Tensor) -> str:
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, log: list[dict],
-                     device: torch.device, stage_hash: str, monitor_ids: dict[str, str]) -> None:
+                     device: torch.device, stage: dict, monitor_ids: dict[str, str]) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_sd = opt.state_dict()
     plain_state: dict[str, dict] = {}
@@ -109,7 +111,8 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta = {"epoch": epoch, "step": step, "log": log, "scheduler": sched.state_dict(),
             "param_groups": opt_sd["param_groups"], "plain_state": plain_state, "monitor": monitor_ids}
-    save_tensors(path, tensors, metadata={"resume": json.dumps(meta), "stage_hash": stage_hash})
+    save_tensors(path, tensors, metadata={"resume": json.dumps(meta), "stage_hash": config_hash(stage),
+                                          "stage": json.dumps(stage, sort_keys=True)})
 
 
 def _checkpoint_stage_hash(path: Path) -> str | None:
@@ -176,7 +179,7 @@ def _write_log(path: Path, log: list[dict]) -> None:
 def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | None = None,
                      out_dir: str | os.PathLike | None = None, *, progress: bool = True,
                      on_epoch_end: Callable[[int, dict], None] | None = None,
-                     monitor: dict[str, tuple[Tensor, Tensor]] | None = None) -> Classifier:
+                     monitor: dict[str, tuple[Tensor, Tensor]] | None = None, overwrite: bool = False) -> Classifier:
     """Train a classifier on (images [N, 3, H, W] uint8 or float in [-1, 1], labels int64 [N]).
 
     With `out_dir`, the run is resumable (a checkpoint per epoch), skipped when already complete
@@ -185,8 +188,34 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
     monitor: {name: (images, labels)} scored after every epoch into the log as `<name>_accuracy`
     (e.g. the OOD test split, to see whether the last epoch is representative); it does not
     change the training: the same weights with or without it.
+    overwrite: replace a classifier (finished, or its checkpoint) that `out_dir` holds for other
+    settings or data; without it such a folder is refused with one line naming the first
+    difference (`io.refuse_other_settings`). `out_dir` is locked while training (`io.folder_lock`).
     Returns the trained classifier in eval mode, on the config's device.
     """
+    if out_dir is None:
+        return _train_classifier(images, labels, config, None, progress, on_epoch_end, monitor, overwrite)
+    with folder_lock(out_dir):
+        return _train_classifier(images, labels, config, Path(out_dir), progress, on_epoch_end, monitor, overwrite)
+
+
+def _recorded_stage(out: Path) -> dict | None:
+    """The settings of the classifier `out` holds: from its manifest, else from its checkpoint; None if neither."""
+    if (out / MANIFEST).is_file():
+        config = read_json(out / MANIFEST).get("config")
+        return config if isinstance(config, dict) else {}
+    if (out / CHECKPOINT).is_file():
+        meta = tensor_file_metadata(out / CHECKPOINT)
+        try:
+            return json.loads(meta["stage"])
+        except (KeyError, ValueError):
+            return {"stage_hash": meta.get("stage_hash")}  # written before checkpoints named their stage, or unreadable
+    return None
+
+
+def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | None, out: Path | None,
+                      progress: bool, on_epoch_end: Callable[[int, dict], None] | None,
+                      monitor: dict[str, tuple[Tensor, Tensor]] | None, overwrite: bool) -> Classifier:
     config = config or ClassifierConfig()
     config.validate()
     _check_data(images, labels)
@@ -194,12 +223,20 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
         _check_data(mx, my, n_classes=10**9)
     monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
     device = resolve_device(config.device)
-    out = Path(out_dir) if out_dir is not None else None
     stage = {"stage": "classifier", "train": dataclasses.asdict(config), "data": data_hash(images, labels), "n": len(labels)}
     stage["train"].pop("device")  # where it ran does not change what it is
     if out is not None and stage_complete(out, stage):
         from .models.pretrained import load_model
         return load_model(out).to(device)
+    if out is not None:
+        recorded = _recorded_stage(out)
+        if recorded is not None and recorded.get("stage_hash") == config_hash(stage):
+            recorded = stage  # an older checkpoint of these very settings
+        if recorded == {"stage_hash": None}:
+            recorded = None  # an unreadable checkpoint holds nothing to keep: started over below, saying so
+        if refuse_other_settings(out, "a classifier", recorded, stage, overwrite):
+            for name in (MANIFEST, CHECKPOINT, LOG, "model.safetensors", "config.json"):
+                (out / name).unlink(missing_ok=True)
 
     if config.max_examples and config.max_examples < len(labels):
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(derive_seed(config.seed, "subset")))
@@ -221,13 +258,13 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.gamma)
         epoch, step, log = 0, 0, []
         if out is not None and (out / CHECKPOINT).is_file():
-            if _checkpoint_stage_hash(out / CHECKPOINT) == config_hash(stage):
+            if _checkpoint_stage_hash(out / CHECKPOINT) != config_hash(stage):  # only an unreadable one gets here
+                print(f"skdcgn: {out / CHECKPOINT}: unreadable checkpoint; starting over", file=sys.stderr, flush=True)
+            else:
                 epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
                 log = _drop_stale_monitoring(log, saved_ids, monitor_ids)
                 if progress:
                     print(f"resuming {out} after epoch {epoch} (step {step})")
-            elif progress:
-                print(f"{out / CHECKPOINT} belongs to other settings or data; starting over")
         # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
         # comfortably: one copy instead of one per step
         on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
@@ -273,15 +310,15 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
                 print(f"epoch {epoch}: loss {row['loss']:.4f}, train accuracy {row['accuracy']:.4f}, "
                       f"{row['seconds']:.1f} s")
             if out is not None:
-                _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, config_hash(stage),
-                                 monitor_ids)
+                _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, stage, monitor_ids)
                 _write_log(out / LOG, log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
     model.eval()
     if out is not None:
+        _write_log(out / LOG, log)  # again: a run killed between its last checkpoint and its log resumes here
         model.save_pretrained(out)
-        write_manifest(out, stage, log=log, n_params=model.get_num_params(),
+        write_manifest(out, stage, files=("config.json", "model.safetensors"), log=log, n_params=model.get_num_params(),
                        train_seconds=round(sum(r["seconds"] for r in log), 2),
                        monitor=monitor_ids)
     return model

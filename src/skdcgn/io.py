@@ -15,13 +15,15 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
 from .errors import SkdcgnError
@@ -171,38 +173,43 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as a safetensors file, atomically, with the usual permissions (0644 under umask 022).
+
+    The file is serialised in memory and written through `write_bytes`: safetensors' own file
+    writer creates a second temporary file (`.tmpXXXXXX`, mode 0600) and renames it over ours, so
+    a SIGKILL during the write would leave that file behind (never cleaned up) and the finished
+    artifact would be 0600 while its JSON beside it is 0644.
+    Raises SkdcgnError when the file cannot be written (full disk, permissions).
+    """
     out, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().contiguous().cpu()
         ptr = v.untyped_storage().data_ptr()
         out[k] = v.clone() if ptr in seen and v.numel() else v  # safetensors refuses shared storage
         seen.add(ptr)
-    tensors = out
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        if metadata and len(metadata) > 1:
-            _sort_metadata(tmp)
+    data = save_safetensors(out, metadata=metadata)
+    if metadata and len(metadata) > 1:
+        data = _sort_metadata(data)
+    write_bytes(path, data)
 
 
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its metadata keys sorted, in place (same length).
+def _sort_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its header's metadata keys sorted (same length).
 
     safetensors writes metadata from a Rust HashMap, whose order changes from one process to
     the next: without this, the same tensors and metadata give different bytes in each run,
     and a resumed run could not be compared bitwise with an uninterrupted one.
     """
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
-        text = raw.decode("utf-8").rstrip(" ")
-        header = json.loads(text)
-        if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text:
-            return  # a serialisation we do not reproduce exactly: leave the file as written
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(new) == len(text.encode("utf-8")):
-            f.seek(8)
-            f.write(new)
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].decode("utf-8").rstrip(" ")
+    header = json.loads(text)
+    if json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text:
+        return data  # a serialisation we do not reproduce exactly: leave the file as written
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(new) != len(text.encode("utf-8")):
+        return data
+    return data[:8] + new + data[8 + len(new):]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -362,8 +369,14 @@ def cache_dir() -> Path:
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def stage_complete(stage_dir: str | os.PathLike, config: dict) -> bool:
-    """True when `stage_dir` holds a manifest written for this exact config."""
+def stage_complete(stage_dir: str | os.PathLike, config: dict, verify: bool = True) -> bool:
+    """True when `stage_dir` holds a manifest written for this exact config whose recorded files
+    are all there with their recorded sha256 (`verify_manifest`).
+
+    A finished stage whose files changed after they were written (a flipped byte, a deleted or
+    replaced file) is not complete: one line naming the file goes to stderr and the caller, which
+    knows how, regenerates it.
+    """
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return False
@@ -371,18 +384,253 @@ def stage_complete(stage_dir: str | os.PathLike, config: dict) -> bool:
         manifest = read_json(path)
     except SkdcgnError:
         return False
-    return manifest.get("config_hash") == config_hash(config)
+    if manifest.get("config_hash") != config_hash(config):
+        return False
+    if verify:
+        try:
+            verify_manifest(stage_dir, manifest)
+        except SkdcgnError as e:
+            print(f"skdcgn: {e}; regenerating it", file=sys.stderr, flush=True)
+            return False
+    return True
 
 
-def write_manifest(stage_dir: str | os.PathLike, config: dict, **extra: Any) -> dict:
+def write_manifest(stage_dir: str | os.PathLike, config: dict, files: Sequence[str] = (), **extra: Any) -> dict:
     """Mark a stage complete. Call it after every other file of the stage is in place.
 
-    Temporary files left in the stage folder by an earlier, killed run are removed first.
+    files: paths relative to `stage_dir` whose sha256 the manifest records (`files`), checked
+    whenever the stage is found complete (`stage_complete`) and when they are loaded
+    (`check_recorded`). Temporary files left in the stage folder by an earlier, killed run are
+    removed first.
     """
     remove_stale_temporaries(stage_dir)
-    manifest = {"config": config, "config_hash": config_hash(config), "skdcgn_version": __version__, **extra}
+    remove_safetensors_temporaries(stage_dir)
+    manifest = {"config": config, "config_hash": config_hash(config), "skdcgn_version": __version__}
+    if files:
+        manifest["files"] = {name: sha256_file(Path(stage_dir) / name) for name in files}
+    manifest.update(extra)
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest
+
+
+# ---- integrity: recorded digests, checked where data is consumed ---------------------------------
+
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own writer's temporary name
+
+
+def remove_safetensors_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
+    """Delete the `.tmpXXXXXX` files that safetensors' own file writer left when killed (skdcgn
+    versions before `save_tensors` serialised in memory used it) in `folder` and its subfolders;
+    return how many. Call it only while no other process writes there (under `folder_lock`)."""
+    n = 0
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    for p in folder.iterdir():
+        if p.is_symlink():
+            continue
+        if p.is_file() and _SAFETENSORS_TMP.match(p.name):
+            p.unlink(missing_ok=True)
+            n += 1
+        elif p.is_dir() and depth > 0:
+            n += remove_safetensors_temporaries(p, depth - 1)
+    return n
+
+
+def recorded_digests(manifest: dict) -> dict[str, str]:
+    """{relative path: sha256} of every file a manifest records (its `files` and its `shards`)."""
+    out: dict[str, str] = {}
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        out.update({k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str)})
+    shards = manifest.get("shards")
+    if isinstance(shards, list):
+        for s in shards:
+            if isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str):
+                out[s["file"]] = s["sha256"]
+    return out
+
+
+def verify_file(path: str | os.PathLike, expected: str, manifest: str | os.PathLike) -> None:
+    """Refuse a file recorded in `manifest` that is missing or whose sha256 is not `expected`.
+
+    Raises SkdcgnError, one line naming the file (a mismatch also names both digests).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkdcgnError(f"{path}: file missing (recorded in {manifest})")
+    found = sha256_file(path)
+    if found != expected:
+        raise SkdcgnError(f"{path}: sha256 {found[:12]}… differs from the {expected[:12]}… recorded in {manifest} "
+                          "(changed or damaged after it was written)")
+
+
+def verify_manifest(stage_dir: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Check every file recorded in a stage's manifest (see `recorded_digests`).
+
+    Raises SkdcgnError naming the first missing or changed file, or a path escaping the folder.
+    """
+    stage_dir = Path(stage_dir)
+    manifest = read_json(stage_dir / MANIFEST) if manifest is None else manifest
+    for name, digest in recorded_digests(manifest).items():
+        verify_file(confined(stage_dir, name), digest, stage_dir / MANIFEST)
+
+
+def check_recorded(path: str | os.PathLike, levels: int = 2) -> None:
+    """Before loading `path`: if the manifest of its folder (or of a folder up to `levels` above)
+    records its sha256, the file must still have it.
+
+    Raises SkdcgnError (one line naming the file) on a mismatch; a file that no manifest records
+    (a model saved by hand, an unfinished stage) is not checked.
+    """
+    path = Path(path)
+    folder = path.parent
+    for _ in range(levels):
+        manifest_path = folder / MANIFEST
+        if manifest_path.is_file():
+            try:
+                manifest = read_json(manifest_path)
+            except SkdcgnError:
+                manifest = {}
+            rel = path.relative_to(folder).as_posix()
+            digest = recorded_digests(manifest).get(rel)
+            if digest is not None:
+                verify_file(path, digest, manifest_path)
+                return
+        folder = folder.parent
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' dtypes, shapes and bytes (in key order): the digest a cache file
+    carries in its own metadata, since a file cannot record its own file hash."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a 150 MB set
+    return h.hexdigest()
+
+
+# ---- rerun rule: other settings are refused in one line, unless asked to overwrite -----------------
+
+def first_difference(old: Any, new: Any, where: str = "") -> str:
+    """The first setting (dotted path, keys sorted) whose value differs: 'lr_g: 0.001 there, 0.01 now'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+            if json.dumps(a, sort_keys=True, default=_jsonable) != json.dumps(b, sort_keys=True, default=_jsonable):
+                return first_difference(a, b, f"{where}.{key}" if where else str(key))
+        return "unknown difference"
+    return f"{where or 'settings'}: {old!r} there, {new!r} now"
+
+
+def refuse_other_settings(folder: str | os.PathLike, what: str, recorded: dict | None, config: dict,
+                          overwrite: bool) -> bool:
+    """The one rule for a rerun into a folder holding work made with other settings.
+
+    recorded: the settings the folder's work was made with (from its manifest or checkpoint;
+    None when it holds no work). Returns False when there is nothing to replace (no work, or work
+    with these very settings); True when the work has other settings and `overwrite` is set (the
+    caller then removes it). Raises SkdcgnError naming the first differing setting otherwise: a
+    finished result or a checkpoint is never discarded silently.
+    """
+    if recorded is None or config_hash(recorded) == config_hash(config):
+        return False
+    if overwrite:
+        return True
+    raise SkdcgnError(f"{folder} holds {what} made with other settings ({first_difference(recorded, config)}); "
+                      "choose another folder or overwrite it (--overwrite)")
+
+
+# ---- a lock per folder that a process writes ------------------------------------------------------
+
+LOCK = ".skdcgn.lock"
+_HELD: dict[str, list] = {}  # resolved lock path -> [fd, depth]: a process may re-enter its own lock
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `folder` (its `.skdcgn.lock` file) for the block.
+
+    `fcntl.flock` from the standard library: the kernel releases the lock when the process
+    ends in any way, SIGKILL included, so a lock left by a dead process is stale by
+    construction and is simply taken over (no PID guessing, no timeout); the file only records
+    who holds it, for the message. The lock file is removed on release. Re-entrant within a
+    process. With `wait`, block until the holder is done; otherwise a second process gets
+    SkdcgnError: one line naming the folder and the holder. On systems without `fcntl` (Windows)
+    no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    created = []  # folders made for the lock: removed again if the block leaves them empty (a refused run writes nothing)
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SkdcgnError(f"could not write {folder}: {e.strerror or e}") from None
+    path = folder / LOCK
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                yield  # a folder no one here can write to: nothing to protect (a finished stage is only read)
+                return
+            raise SkdcgnError(f"could not lock {folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise SkdcgnError(f"{folder} is being written by {holder}; wait for it to finish "
+                              "or use another folder") from None
+        try:  # the holder before us may have removed the file between our open and our lock
+            mine, there = os.fstat(fd), os.stat(path)
+            same = (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        import socket
+        import time as _time
+
+        os.ftruncate(fd, 0)
+        os.write(fd, f"skdcgn pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{_time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    except OSError:
+        pass  # who holds it is only for the message (a full disk must not stop the run here)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        for d in created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty: it holds what the block wrote
 
 
 def confined(root: str | os.PathLike, relative: str) -> Path:

@@ -29,7 +29,7 @@ from .config import resolve_device, set_threads
 from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
 from .models.cgn import CGN
-from .io import config_hash, read_json, stage_complete, write_json, write_manifest
+from .io import config_hash, folder_lock, read_json, stage_complete, write_json, write_manifest
 from .results.records import HYBRID_ROWS, ROWS, command_line, data_build, hardware_info, mean_std
 from .results.render import write_results
 from .results.report import write_run_report
@@ -98,18 +98,29 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def run(run_dir: str | Path, config: RunConfig, progress: bool = True) -> dict:
-    """Run every stage for every variant; write `results.json`, `results.md` and the report."""
+def run(run_dir: str | Path, config: RunConfig, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run every stage for every variant; write `results.json`, `results.md` and the report.
+
+    Finished stages are skipped, interrupted ones resume. overwrite: replace stages made with
+    other settings; without it the first such stage is a one-line SkdcgnError naming the
+    setting. `run_dir` is locked for the whole run (`io.folder_lock`): a second `skdcgn run` into
+    it gets one line. Raises SkdcgnError for bad settings or files.
+    """
     config.validate()
     run_dir = Path(run_dir)
     for variant in config.variants:  # missing students fail now, before any work
         students_dir(config, variant, run_dir / variant)
-    set_threads(config.threads)
+    set_threads(config.threads)  # a bad count is one line before the folder is locked or written
+    with folder_lock(run_dir):
+        return _run(run_dir, config, progress, overwrite)
+
+
+def _run(run_dir: Path, config: RunConfig, progress: bool, overwrite: bool) -> dict:
     write_json(run_dir / "run_config.json", dataclasses.asdict(config))
     t0 = time.perf_counter()
     results = {}
     for variant in config.variants:
-        results[variant] = run_variant(run_dir / variant, variant, config, progress)
+        results[variant] = run_variant(run_dir / variant, variant, config, progress, overwrite)
     summary = {"config": dataclasses.asdict(config), "data_build": BUILD_VERSION, "results": results,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(run_dir / "results.json", summary)
@@ -123,7 +134,7 @@ def _say(progress: bool, text: str) -> None:
         print(f"[skdcgn run] {text}", flush=True)
 
 
-def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True) -> dict:
+def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True, overwrite: bool = False) -> dict:
     from .api import load_cgn
     from .counterfactuals import generate_counterfactuals, load_image_dataset
     from .distill.trainer import distill, preset as distill_preset
@@ -166,7 +177,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
     else:
         _say(progress, f"{variant}: distilling shape, foreground and background")
         dcfg = distill_preset(config.distill_preset, seed=config.seed, device=config.device)
-        distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress)
+        distill(teacher, ("shape", "foreground", "background"), vdir, dcfg, progress=progress, overwrite=overwrite)
     students = load_cgn(f"students:{sdir}")
     timed("distill", t)
 
@@ -188,7 +199,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         _say(progress, f"{variant}: counterfactual dataset {name}")
         generate_counterfactuals(cgn.to(device), vdir / "datasets" / name, config.n_counterfactuals, config.per_shape,
                                  seed=config.seed, composer=composer, counterfactual=cf, cgn_name=name,
-                                 overwrite=True, progress=progress)
+                                 overwrite=overwrite, progress=progress)
     timed("counterfactuals", t)
 
     # classifiers
@@ -212,7 +223,8 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             return loaded["data"]
 
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
-        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress) for s, out in enumerate(outs)]
+        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress, overwrite)
+                for s, out in enumerate(outs)]
         table[row] = mean_std(accs)
         if (curve := _test_by_epoch(outs, test_ids["test"])) is not None:
             by_epoch[row] = curve
@@ -266,7 +278,7 @@ def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
 
 
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
-                         progress: bool) -> dict:
+                         progress: bool, overwrite: bool = False) -> dict:
     """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
     from .invariance import ClassifierConfig, evaluate, train_classifier
 
@@ -281,7 +293,8 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
     x, y = get_data()
     k = config.eval_examples
     test_x, test_y = tests["test"]
-    clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])})
+    clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])},
+                           overwrite=overwrite)
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
     acc = {"train": evaluate(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():

@@ -60,7 +60,7 @@ from .config import config_from_dict, resolve_device, set_threads
 from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
-from .io import MANIFEST, atomic_path, check_finite, stage_complete, write_bytes, write_json, write_manifest
+from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete, write_bytes, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
@@ -300,7 +300,7 @@ def _check_resumable(saved: dict, current: dict, variant: str, saved_variant: st
     for k, v in current.items():
         if k not in RESUMABLE_FIELDS and saved.get(k) != v:
             raise SkdcgnError(f"{where}: checkpoint has {k}={saved.get(k)!r}, this run asks for {v!r}; "
-                              "use another run dir or the same settings")
+                              "use another run dir, the same settings, or --overwrite")
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -338,13 +338,35 @@ def _trim_csv(path: Path, last_step: int) -> None:
 
 
 def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None = None,
-                  progress: bool = True, on_step: Callable[[int], None] | None = None) -> CGN:
+                  progress: bool = True, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> CGN:
     """Train a CGN teacher on `variant`'s training split; returns it (eval mode).
 
     Writes `run_dir/teacher/` (see the module doc). A complete stage with the same config is not
     retrained; an interrupted one resumes from its last checkpoint. `on_step(step)` is called
-    after each completed step (tests use it to interrupt a run).
+    after each completed step (tests use it to interrupt a run). A checkpoint or finished teacher
+    of other settings is refused in one line naming the setting (the finished one is kept), unless
+    `overwrite`: then the stage starts over. More `steps` are not other settings: training continues.
+    `run_dir/teacher` is locked while training (`io.folder_lock`).
     """
+    with folder_lock(Path(run_dir) / STAGE):
+        return _train_teacher(variant, run_dir, config, progress, on_step, overwrite)
+
+
+def _discard_teacher(stage_dir: Path) -> None:
+    """Remove what teacher training writes (and nothing else): the start of an overwrite."""
+    import shutil
+
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "losses.csv", "config.json"):
+        (stage_dir / "train" / name).unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "train" / "samples", ignore_errors=True)
+    for name in (MANIFEST, "cgn.json", "grid.png", "grid_mechanisms.png"):
+        (stage_dir / name).unlink(missing_ok=True)
+    for m in ("shape", "foreground", "background"):
+        shutil.rmtree(stage_dir / m, ignore_errors=True)
+
+
+def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None,
+                   progress: bool, on_step: Callable[[int], None] | None, overwrite: bool = False) -> CGN:
     from tqdm import tqdm
 
     config = config or preset_config("quick")
@@ -374,12 +396,19 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     stats = PatchStatistics(seed=config.seed).to(device)
     gen = torch.Generator().manual_seed(config.seed + 1)  # noise, texture shifts, dropout (CPU)
 
-    # Resume, or start afresh. Any manifest goes first: the stage is incomplete until the end.
-    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    # Resume, or start afresh. Any manifest goes (once the checkpoint is known to fit): the stage is
+    # incomplete until the end.
     ckpt_path = train_dir / "checkpoint.pt"
     csv_path = train_dir / "losses.csv"
     step = 0
     saved = _load_checkpoint(ckpt_path)
+    if saved is not None and overwrite:
+        try:
+            _check_resumable(saved["config"] if isinstance(saved["config"], dict) else {}, dataclasses.asdict(config),
+                             variant, saved.get("variant"), ckpt_path)
+        except SkdcgnError:  # other settings, and asked to overwrite: start over
+            _discard_teacher(stage_dir)
+            saved = None
     if saved is not None:
         if not isinstance(saved["config"], dict):
             raise SkdcgnError(f"{ckpt_path}: not a teacher-training checkpoint (no config); delete it to start over")
@@ -398,10 +427,12 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}; delete it to start over")
         if step > config.steps:
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
         _trim_csv(csv_path, step)
         print(f"resuming {stage_dir} from step {step}")
-    elif csv_path.exists():
-        csv_path.unlink()  # losses of a run whose checkpoint is gone
+    else:
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        csv_path.unlink(missing_ok=True)  # losses of a run whose checkpoint is gone
     write_json(train_dir / "config.json", {"variant": variant, **dataclasses.asdict(config)})
 
     def checkpoint() -> None:
@@ -417,6 +448,7 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     if new_csv:
         writer.writerow(LOSS_COLUMNS)
     n, k = images.shape[0], cgn.n_classes
+    resumed_at = step
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"teacher {variant}", unit="step")
     try:
@@ -472,14 +504,16 @@ def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrain
     finally:
         bar.close()
         csv_file.close()
-    checkpoint()  # the final state: a later run with more steps continues from here
+    if step != resumed_at:  # (a run killed during the export resumes at the final step: its checkpoints stay as they are)
+        checkpoint()  # the final state: a later run with more steps continues from here
     train_seconds = time.perf_counter() - t0
 
     # Export: eval-mode teacher with recalibrated BatchNorm statistics, grids, manifest last.
     teacher = recalibrate_batchnorm(copy.deepcopy(cgn).cpu(), config.bn_recalibration_batches, seed=config.seed + 2)
     teacher.save_pretrained(stage_dir)
     _write_grids(teacher, stage_dir, "grid")
-    write_manifest(stage_dir, stage_cfg, steps_done=step, train_seconds_this_session=round(train_seconds, 1),
+    write_manifest(stage_dir, stage_cfg, files=[f"{m}/{f}" for m in ("shape", "foreground", "background")
+                                                for f in ("config.json", "model.safetensors")], steps_done=step, train_seconds_this_session=round(train_seconds, 1),
                    parameters=teacher.get_num_params(), discriminator=dataclasses.asdict(disc.config))
     return _load_teacher(stage_dir)
 

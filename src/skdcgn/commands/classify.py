@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--mix", nargs="+", default=[], metavar="SOURCE",
                    help="more sources (folders or variant:NAME) concatenated with --data")
     t.add_argument("--out", required=True, help="run folder: checkpoint, log, classifier, manifest")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a classifier (or its checkpoint) in --out made with other settings or data")
     add_config_arguments(t, ClassifierConfig)
     t.set_defaults(func=_train)
 
@@ -49,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
     config = config_from_args(ClassifierConfig, args)
     images, labels = load_training_data([args.data, *args.mix])
     t0 = time.perf_counter()
-    model = train_classifier(images, labels, config, args.out)
+    model = train_classifier(images, labels, config, args.out, overwrite=args.overwrite)
     used = min(len(labels), config.max_examples or len(labels))
     print(f"wrote {args.out} ({model.get_num_params():,} parameters, {used} of {len(labels)} training images, "
           f"{time.perf_counter() - t0:.1f} s)")

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mechanism", default="all", choices=["all", *MECHANISMS], help="which mechanism(s) to distil")
     p.add_argument("--run-dir", required=True, help="run directory (writes transfer/ and distill/ in it)")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="starting config (default: default)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace transfer sets and students in --run-dir made with other settings (otherwise refused)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(p, DistillConfig)
@@ -46,7 +48,8 @@ def distill_command(args: argparse.Namespace) -> None:
         raise SkdcgnError("--teacher: distil from a teacher, not from students")
     teacher = load_cgn(args.teacher)
     mechanisms = list(MECHANISMS) if args.mechanism == "all" else [args.mechanism]
-    result = distill(teacher, mechanisms, args.run_dir, config, progress=not args.no_progress)
+    result = distill(teacher, mechanisms, args.run_dir, config, progress=not args.no_progress,
+                     overwrite=args.overwrite)
     for m, r in result.get("mechanisms", {}).items():
         if m in mechanisms:
             extra = f", mask IoU@0.5 {r['iou@0.5']:.3f}" if "iou@0.5" in r else ""

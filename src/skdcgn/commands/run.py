@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "8-25 min each on one CPU core, by training-set size; use a GPU)")
     p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace stages of RUN_DIR made with other settings (otherwise they are refused, naming the "
+                        "first difference)")
     p.add_argument("--record", metavar="MD", help="also add the accuracy table to this results file (e.g. docs/results.md)")
     add_config_arguments(p, RunConfig, skip=("variants",))
     p.set_defaults(func=run_command)
@@ -42,7 +45,7 @@ def run_command(args: argparse.Namespace) -> None:
     print(f"[skdcgn run] {', '.join(config.variants)}: rows {', '.join(rows) or '(none)'}; {config.seeds} seed(s) each "
           f"→ {run_dir}", flush=True)
     t0 = time.perf_counter()
-    summary = run(run_dir, config, progress=not args.quiet)
+    summary = run(run_dir, config, progress=not args.quiet, overwrite=args.overwrite)
     if args.record:
         from ..pipeline import record_results
 

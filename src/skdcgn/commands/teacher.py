@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: minutes on a CPU; full: the CGN paper's setting (default: quick)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over when RUN_DIR/teacher holds a teacher or checkpoint of other settings (otherwise refused)")
     add_config_arguments(t, TeacherTrainConfig)
     t.set_defaults(func=train_command)
 
@@ -69,6 +71,6 @@ def train_command(args: argparse.Namespace) -> None:
     from ..teacher_training import PRESETS, TeacherTrainConfig, train_teacher
 
     config = config_from_args(TeacherTrainConfig, args, base=PRESETS[args.preset])
-    cgn = train_teacher(args.variant, args.run_dir, config, progress=not args.no_progress)
+    cgn = train_teacher(args.variant, args.run_dir, config, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(args.run_dir) / "teacher"
     print(f"wrote {out} ({cgn.get_num_params():,} parameters); grid: {out / 'grid.png'}")

@@ -36,7 +36,8 @@ from PIL import Image, ImageColor
 from .._version import __version__
 from ..errors import SkdcgnError
 from ..images import to_float
-from ..io import cache_dir, config_hash, load_tensors, save_tensors
+from ..io import (cache_dir, config_hash, folder_lock, load_tensors, remove_safetensors_temporaries,
+                  remove_stale_temporaries, save_tensors, tensor_digest)
 from .mnist import load_mnist, mnist_fingerprint
 
 VARIANTS = ("colored", "double_colored", "wildlife")
@@ -282,6 +283,9 @@ def variant_cache_path(name: str, split: str, seed: int = 0, mnist_dir: str | os
 
 
 def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cached set, or None (with one line on stderr naming the file) when it must be rebuilt:
+    unreadable, of unexpected shape or dtype, labels outside [0, 10), or content that no longer
+    has the sha256 recorded in its own metadata (a flipped byte, edited labels)."""
     if not path.is_file():
         return None
     try:
@@ -294,12 +298,26 @@ def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
             or tuple(images.shape) != (n, 3, SIZE, SIZE) or tuple(labels.shape) != (n,)):
         print(f"skdcgn: rebuilding cache file with unexpected content: {path}", file=sys.stderr)
         return None
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= 10):
+        print(f"skdcgn: rebuilding cache file with labels outside [0, 10): {path}", file=sys.stderr)
+        return None
+    from ..io import tensor_file_metadata
+
+    recorded = tensor_file_metadata(path).get("sha256")
+    if recorded != tensor_digest({"images": images, "labels": labels}):
+        print(f"skdcgn: rebuilding cache file whose content does not match its recorded sha256: {path}", file=sys.stderr)
+        return None
     return images, labels
 
 
 def load_variant_uint8(name: str, split: str, seed: int = 0, mnist_dir: str | os.PathLike | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `load_variant`, but images stay uint8 [N, 3, 32, 32] (4x less memory)."""
+    """As `load_variant`, but images stay uint8 [N, 3, 32, 32] (4x less memory).
+
+    A cache file is used only when its content has the sha256 it records; otherwise it is rebuilt
+    (bitwise the same set) and replaced. Writers of the cache folder take its lock in turn
+    (`io.folder_lock`, waiting) and remove what killed writers left there.
+    """
     path = variant_cache_path(name, split, seed, mnist_dir)
     lo, hi = _mnist_range(split)
     n = hi - lo
@@ -307,8 +325,12 @@ def load_variant_uint8(name: str, split: str, seed: int = 0, mnist_dir: str | os
     if cached is not None:
         return cached
     images, labels = build_variant(name, split, seed, mnist_dir)
-    save_tensors(path, {"images": images, "labels": labels},
-                 metadata={"variant": name, "split": split, "seed": str(seed), "skdcgn_version": __version__})
+    with folder_lock(path.parent, wait=True):
+        remove_stale_temporaries(path.parent, depth=0)  # no one else writes here now: any temporary is a killed write's
+        remove_safetensors_temporaries(path.parent, depth=0)
+        save_tensors(path, {"images": images, "labels": labels},
+                     metadata={"variant": name, "split": split, "seed": str(seed), "skdcgn_version": __version__,
+                               "sha256": tensor_digest({"images": images, "labels": labels})})
     return images, labels
 
 

@@ -46,8 +46,9 @@ from tqdm import tqdm
 
 from ..config import resolve_device
 from ..errors import SkdcgnError
-from ..io import (MANIFEST, atomic_path, make_dirs, confined, config_hash, load_tensors, read_json, save_tensors, sha256_file,
-                  stage_complete, tensor_file_metadata, write_manifest)
+from ..io import (MANIFEST, atomic_path, confined, config_hash, folder_lock, make_dirs, load_tensors, read_json, recorded_digests,
+                  refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata, verify_file,
+                  write_manifest)
 
 U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_FORMATS = ("safetensors", "tar")
@@ -106,7 +107,7 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
                   latent_dim: int | None = None, n_classes: int | None = None, batch_size: int = 1000,
                   u_dtype: str = "float32", device: torch.device | str = "cpu", progress: bool = True,
                   max_shards: int | None = None, rank: int = 0, world_size: int = 1,
-                  shard_format: str = "safetensors") -> Path:
+                  shard_format: str = "safetensors", overwrite: bool = False) -> Path:
     """Write (or finish) the transfer set of one mechanism in `out_dir`; return `out_dir`.
 
     `mechanism` is only called: `mechanism(u, y) -> [N, C, 32, 32]`. `latent_dim` and `n_classes`
@@ -117,8 +118,43 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     torch.distributed is initialised the ranks meet at a barrier and rank 0 writes the manifest.
     Without it (independent processes), rank 0 writes the manifest once all shards exist; a
     rank that finds shards missing returns without one (call again to finish).
+
+    A finished set whose shards changed or vanished after its manifest recorded them has those
+    shards written again. overwrite: replace a finished set made with other settings (otherwise a
+    one-line SkdcgnError naming the first difference). A single process holds the folder's lock
+    (`io.folder_lock`) while it writes.
     """
-    out_dir = Path(out_dir)
+    if world_size > 1:  # the ranks write one folder together
+        return _query_teacher(mechanism, Path(out_dir), n, shard_size, seed, latent_dim, n_classes, batch_size, u_dtype,
+                              device, progress, max_shards, rank, world_size, shard_format, overwrite)
+    with folder_lock(out_dir):
+        return _query_teacher(mechanism, Path(out_dir), n, shard_size, seed, latent_dim, n_classes, batch_size, u_dtype,
+                              device, progress, max_shards, rank, world_size, shard_format, overwrite)
+
+
+def transfer_config(mechanism: nn.Module, n: int, shard_size: int, seed: int, *, latent_dim: int | None = None,
+                    n_classes: int | None = None, u_dtype: str = "float32", device: torch.device | str = "cpu",
+                    shard_format: str = "safetensors") -> dict:
+    """The config a transfer set of these settings records (and students hash), without writing it:
+    one probe of the teacher (16 inputs), which also fixes the output shape."""
+    cfg = getattr(mechanism, "config", None)
+    latent_dim = int(latent_dim or cfg.latent_dim)
+    n_classes = int(n_classes or cfg.n_classes)
+    was_training = mechanism.training
+    mechanism.eval()
+    probe = _probe(mechanism, latent_dim, n_classes, device)
+    mechanism.train(was_training)
+    config = {"n": n, "shard_size": shard_size, "seed": seed, "latent_dim": latent_dim, "n_classes": n_classes,
+              "u_dtype": u_dtype, "teacher": _fingerprint(probe)}
+    if shard_format != "safetensors":  # absent for safetensors: sets written before tar existed keep their hash
+        config["format"] = shard_format
+    return config
+
+
+@torch.no_grad()
+def _query_teacher(mechanism: nn.Module, out_dir: Path, n: int, shard_size: int, seed: int, latent_dim: int | None,
+                   n_classes: int | None, batch_size: int, u_dtype: str, device: torch.device | str, progress: bool,
+                   max_shards: int | None, rank: int, world_size: int, shard_format: str, overwrite: bool) -> Path:
     cfg = getattr(mechanism, "config", None)
     latent_dim = int(latent_dim or cfg.latent_dim)
     n_classes = int(n_classes or cfg.n_classes)
@@ -146,6 +182,13 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     n_shards = math.ceil(n / shard_size)
     names = [SHARD[shard_format].format(i) for i in range(n_shards)]
     collective = world_size > 1 and _dist_ready()
+    recorded: dict[str, str] = {}  # digests of a finished set of this config: a changed shard is written again
+    if (out_dir / MANIFEST).is_file():
+        manifest = read_json(out_dir / MANIFEST)
+        old = manifest.get("config")
+        refuse_other_settings(out_dir, "a transfer set", old if isinstance(old, dict) else {}, config, overwrite)
+        if config_hash(old) == config_hash(config):
+            recorded = recorded_digests(manifest)
     if rank == 0:  # one process tidies the folder; the others wait for it when they can
         make_dirs(out_dir)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # a manifest for another config no longer applies
@@ -161,7 +204,8 @@ def query_teacher(mechanism: nn.Module, out_dir: str | os.PathLike, n: int, shar
     mine = [i for i in range(n_shards) if i % world_size == rank]
     for i in tqdm(mine, desc=f"transfer set {out_dir.name}", disable=not progress, unit="shard"):
         path = out_dir / names[i]
-        if path.is_file() and _shard_ok(path, chash, i):
+        if path.is_file() and _shard_ok(path, chash, i) and (names[i] not in recorded
+                                                            or sha256_file(path) == recorded[names[i]]):
             continue
         if max_shards is not None and written >= max_shards:
             mechanism.train(was_training)
@@ -324,6 +368,9 @@ class TransferSet:
         self.is_mask = bool(manifest.get("is_mask"))
         self._output_shape = list(manifest.get("output_shape", []))
         self._paths = [confined(self.folder, str(e.get("file"))) for e in shards]
+        if len(set(self._paths)) != len(self._paths):
+            raise SkdcgnError(f"{self.folder / MANIFEST}: lists a shard file more than once")
+        self._digests = [e.get("sha256") if isinstance(e.get("sha256"), str) else None for e in shards]
         sizes = [e.get("size") for e in shards]
         if not all(isinstance(x, int) and x > 0 for x in sizes) or sum(sizes) != cfg.get("n"):
             raise SkdcgnError(f"{self.folder / MANIFEST}: shard sizes {sizes[:4]}… do not add up to n = {cfg.get('n')}")
@@ -344,6 +391,8 @@ class TransferSet:
         """Shard i, read and checked against the manifest: (u float32, y int64, out uint8)."""
         path, s = self._paths[i], self._sizes[i]
         latent_dim, n_classes = int(self.config["latent_dim"]), int(self.config["n_classes"])
+        if self._digests[i] is not None:
+            verify_file(path, self._digests[i], self.folder / MANIFEST)
         u, y, out = _read_shard(path)
         if len(y) != s or u.shape != (s, latent_dim) or u.dtype not in U_DTYPES.values():
             raise SkdcgnError(f"{path}: u has shape {list(u.shape)} ({u.dtype}), expected [{s}, {latent_dim}]")

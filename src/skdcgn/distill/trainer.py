@@ -44,8 +44,8 @@ from tqdm import tqdm
 from ..config import config_from_dict, resolve_device, set_threads
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
-from ..io import (check_finite, config_hash, finite_float, remove_stale_temporaries, stage_complete, write_bytes,
-                  write_csv, write_manifest)
+from ..io import (MANIFEST, check_finite, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
+                  remove_stale_temporaries, stage_complete, verify_manifest, write_bytes, write_csv, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
@@ -53,7 +53,7 @@ from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import evaluate_distillation
-from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher
+from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher, transfer_config
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
@@ -208,8 +208,14 @@ def preset(name: str, **overrides) -> DistillConfig:
 # ---- the pipeline -------------------------------------------------------------------------------
 
 def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run_dir: str | os.PathLike,
-            config: DistillConfig, progress: bool = True, evaluate: bool = True) -> dict:
-    """Transfer set, student and evaluation for each mechanism; returns the evaluation dict."""
+            config: DistillConfig, progress: bool = True, evaluate: bool = True, overwrite: bool = False) -> dict:
+    """Transfer set, student and evaluation for each mechanism; returns the evaluation dict.
+
+    A student that is finished (its manifest matches and verifies) is skipped without reading
+    its transfer set, which may then be gone. overwrite: replace transfer sets and students made
+    with other settings (otherwise such a folder is a one-line SkdcgnError naming the first
+    difference). Raises SkdcgnError for bad settings or bad files.
+    """
     config.validate()
     for m in mechanisms:
         if m not in MECHANISMS:
@@ -222,6 +228,18 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
     for m in mechanisms:
         mech = teacher_cgn.mechanisms()[m]
         t0 = time.perf_counter()
+        student_dir = run_dir / "distill" / "students" / m
+        if not config.online:  # a finished student needs its transfer set no more
+            tcfg = transfer_config(mech, config.n_transfer, config.shard_size,
+                                   derive_seed(config.seed, MECHANISMS.index(m)), u_dtype=config.u_dtype,
+                                   latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes, device=device,
+                                   shard_format=config.shard_format)
+            if stage_complete(student_dir, student_stage(m, config, tcfg, env), verify=False):
+                try:
+                    verify_manifest(student_dir)
+                    continue
+                except SkdcgnError:
+                    pass  # train_student says which file changed, and regenerates it
         source: TransferSet | OnlineTeacher
         if config.online:
             source = OnlineTeacher(mech, mech.config.latent_dim, mech.config.n_classes, device=device)
@@ -231,38 +249,79 @@ def distill(teacher_cgn: nn.Module, mechanisms: list[str] | tuple[str, ...], run
                                    latent_dim=mech.config.latent_dim, n_classes=mech.config.n_classes,
                                    device=device, progress=progress and env.is_main,
                                    batch_size=config.query_batch_size, rank=env.rank, world_size=env.world_size,
-                                   shard_format=config.shard_format)
+                                   shard_format=config.shard_format, overwrite=overwrite)
             source = TransferSet(folder, stream_window=config.stream_window)
         t1 = time.perf_counter()
-        manifest = run_dir / "distill" / "students" / m / "manifest.json"
+        manifest = student_dir / MANIFEST
         before = manifest.stat().st_mtime_ns if manifest.is_file() else None
-        train_student(m, source, manifest.parent, config, progress=progress)
+        train_student(m, source, student_dir, config, progress=progress, overwrite=overwrite)
         if not manifest.is_file() or manifest.stat().st_mtime_ns != before:  # trained now, not a reused student
             timings[m] = {"query_s": round(t1 - t0, 2), "train_s": round(time.perf_counter() - t1, 2)}
     if not evaluate or not env.is_main:
         return {}
-    result = evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
-    remove_stale_temporaries(run_dir / "distill", depth=0)  # eval.json and grids of a killed evaluation
+    with folder_lock(run_dir / "distill"):
+        result = evaluate_distillation(teacher_cgn, run_dir, config, mechanisms, timings=timings)
+        remove_stale_temporaries(run_dir / "distill", depth=0)  # eval.json and grids of a killed evaluation
     return result
 
 
+def student_stage(mechanism: str, config: DistillConfig, transfer_cfg: dict, env=None) -> dict:
+    """What a student is (hashed into its manifest): mechanism, distillation config, transfer set
+    (and the world size of a data-parallel run, which is deterministic only for a fixed one)."""
+    stage = {"mechanism": mechanism, "distill": config_record(config), "transfer": config_hash(transfer_cfg)}
+    if env is not None and env.enabled:
+        stage["world_size"] = env.world_size
+    return stage
+
+
 def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir: str | os.PathLike,
-                  config: DistillConfig, progress: bool = True, stop_after: int | None = None) -> StudentGenerator | None:
+                  config: DistillConfig, progress: bool = True, stop_after: int | None = None,
+                  overwrite: bool = False) -> StudentGenerator | None:
     """Train (or resume, or skip) one student; `stop_after` ends early as a kill would (tests).
 
     `transfer` is a stored transfer set or an `OnlineTeacher`. Under torchrun every rank calls
-    this; each returns the same final student.
+    this; each returns the same final student. overwrite: replace a student (finished, or its
+    checkpoint) made with other settings; without it such a folder is refused in one line naming
+    the first difference (`io.refuse_other_settings`): a checkpoint is never discarded silently.
+    A single process holds `out_dir`'s lock (`io.folder_lock`) while it trains.
+    Raises SkdcgnError for bad settings, an unusable checkpoint or a folder of other settings.
     """
-    out_dir = Path(out_dir)
+    env, _ = init_distributed(resolve_device(config.device))
+    if env.enabled:  # the ranks write one folder together (rank 0 its files)
+        return _train_student(mechanism, transfer, Path(out_dir), config, progress, stop_after, overwrite)
+    with folder_lock(out_dir):
+        return _train_student(mechanism, transfer, Path(out_dir), config, progress, stop_after, overwrite)
+
+
+def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir: Path, config: DistillConfig,
+                   progress: bool, stop_after: int | None, overwrite: bool) -> StudentGenerator | None:
     tcfg = transfer.config
     env, device = init_distributed(resolve_device(config.device))
-    stage = {"mechanism": mechanism, "distill": config_record(config), "transfer": config_hash(tcfg)}
-    if env.enabled:
-        stage["world_size"] = env.world_size  # a run is deterministic for a fixed world size
-        if config.batch_size % env.world_size:
-            raise SkdcgnError(f"batch_size: {config.batch_size} (global) is not divisible by WORLD_SIZE={env.world_size}")
+    stage = student_stage(mechanism, config, tcfg, env)
+    if env.enabled and config.batch_size % env.world_size:
+        raise SkdcgnError(f"batch_size: {config.batch_size} (global) is not divisible by WORLD_SIZE={env.world_size}")
     if stage_complete(out_dir, stage):
         return load_model(out_dir)  # type: ignore[return-value]
+    ckpt = out_dir / CHECKPOINT
+    state = _load_checkpoint(ckpt) if ckpt.is_file() else None
+    if (out_dir / MANIFEST).is_file():
+        recorded = read_json(out_dir / MANIFEST).get("config")
+    elif state is not None:
+        recorded = state.get("stage") or {"stage_hash": state.get("stage_hash")}  # older checkpoints: the hash only
+    else:
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("stage_hash") == config_hash(stage):
+        recorded = stage
+    if recorded is not None and not isinstance(recorded, dict):
+        recorded = {}  # a malformed record: other settings
+    if refuse_other_settings(out_dir, f"a {mechanism} student", recorded, stage, overwrite):
+        if env.is_main:  # (rank 0 writes the folder; the others wait for it)
+            for name in (MANIFEST, CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
+                (out_dir / name).unlink(missing_ok=True)
+            for png in (out_dir / "samples").glob("step_*.png"):
+                png.unlink()
+        barrier(env)
+        state = None
     n_steps = config.steps_for(mechanism)
     is_mask = mechanism == "shape"
     progress = progress and env.is_main
@@ -286,12 +345,12 @@ def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir
         forward_g, D_ddp = G.pre_activation, None  # type: ignore[assignment]
 
     step, rows, elapsed = 0, [], 0.0
-    ckpt = out_dir / CHECKPOINT
-    if ckpt.is_file():
-        state = _load_checkpoint(ckpt)
+    logs: dict[str, float] = {}
+    if state is not None:
         if state.get("stage_hash") == config_hash(stage):
             try:
                 step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
+                logs = {str(k): float(v) for k, v in state.get("logs", {}).items()}  # the last step's losses
                 if not 0 <= step <= n_steps:
                     raise ValueError(f"step {step} is outside [0, {n_steps}]")
                 G.load_state_dict(state["G"])
@@ -312,7 +371,6 @@ def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir
     data_seed = derive_seed(config.seed, MECHANISMS.index(mechanism), 2)
     bar = tqdm(total=n_steps, initial=step, desc=f"distill {mechanism}", disable=not progress, unit="step")
     t_start = time.perf_counter() - elapsed
-    logs: dict[str, float] = {}
     while step < n_steps:
         lr_scale = 0.5 * (1 + math.cos(math.pi * step / n_steps)) if config.cosine_decay else 1.0
         for group in opt_g.param_groups:
@@ -359,7 +417,7 @@ def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir
             _save_samples(ema or G, transfer, fixed, out_dir / "samples" / f"step_{step:07d}.png", device, is_mask)
         if step % config.checkpoint_interval == 0 or step == n_steps:
             if env.is_main:
-                _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d)
+                _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d, logs)
                 _write_log(out_dir / "losses.csv", rows)
             barrier(env)
         if stop_after is not None and step >= stop_after and step < n_steps:
@@ -371,7 +429,7 @@ def train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_dir
     if env.is_main:
         final.save_pretrained(out_dir)
         _write_log(out_dir / "losses.csv", rows)
-        write_manifest(out_dir, stage, params=final.get_num_params(), steps=step,
+        write_manifest(out_dir, stage, files=("config.json", "model.safetensors"), params=final.get_num_params(), steps=step,
                        train_seconds=round(time.perf_counter() - t_start, 2),
                        final_losses={k: v for k, v in logs.items()})
     barrier(env)
@@ -392,9 +450,9 @@ class _Logits(nn.Module):
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _save_checkpoint(path: Path, stage: dict, step: int, rows: list, elapsed: float, G: nn.Module,
-                     D: nn.Module | None, ema: nn.Module | None, opt_g, opt_d) -> None:
-    state = {"stage_hash": config_hash(stage), "step": step, "rows": rows, "elapsed": elapsed,
-             "G": G.state_dict(), "opt_g": opt_g.state_dict()}
+                     D: nn.Module | None, ema: nn.Module | None, opt_g, opt_d, logs: dict[str, float]) -> None:
+    state = {"stage_hash": config_hash(stage), "stage": stage, "step": step, "rows": rows, "elapsed": elapsed,
+             "logs": {k: float(v) for k, v in logs.items()}, "G": G.state_dict(), "opt_g": opt_g.state_dict()}
     if D is not None:
         state["D"], state["opt_d"] = D.state_dict(), opt_d.state_dict()
     if ema is not None:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import config_from_dict
 from ..errors import SkdcgnError
-from ..io import check_state_dict, load_tensors, read_json, save_tensors, strip_wrapper_prefix, write_json
+from ..io import check_recorded, check_state_dict, load_tensors, read_json, save_tensors, strip_wrapper_prefix, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,8 +88,15 @@ class PretrainedModel(nn.Module):
 
 
 def load_model(folder: str | os.PathLike) -> PretrainedModel:
-    """Load any registered model from `folder` (config.json + model.safetensors), validated."""
+    """Load any registered model from `folder` (config.json + model.safetensors), validated.
+
+    When the manifest of the stage that wrote them (in `folder` or its parent) records their
+    sha256, both files must still have it. Raises SkdcgnError (one line naming the file) for a
+    missing, changed, malformed or mismatched file.
+    """
     folder = Path(folder)
+    check_recorded(folder / CONFIG_FILE)
+    check_recorded(folder / WEIGHTS_FILE)
     meta = read_json(folder / CONFIG_FILE)
     name = meta.get("class")
     if name not in _REGISTRY:
