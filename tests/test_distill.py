@@ -92,7 +92,7 @@ def test_training_is_deterministic_and_resumes_bitwise(tiny_teacher, tmp_path):
     b, _ = _train(tiny_teacher, tmp_path, "b")
     assert _tensors_equal(a.state_dict(), b.state_dict())  # same seed, same weights
     killed, out = _train(tiny_teacher, tmp_path, "c", stop_after=3)  # checkpoints every 2 steps: resumes from 2
-    assert killed is None and (out / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    assert killed is None and (out / "checkpoint.safetensors").is_file() and not (out / "manifest.json").exists()
     c, _ = _train(tiny_teacher, tmp_path, "c")
     assert _tensors_equal(a.state_dict(), c.state_dict())
     with open(out / "losses.csv") as f:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from skdcgn.checkpoint import load_checkpoint
 from skdcgn.cli import main
 from skdcgn.io import load_tensors, read_json, save_tensors, sha256_file, tensor_file_metadata
 
@@ -90,7 +90,7 @@ def test_distill_with_another_setting_is_refused_and_keeps_the_checkpoint(tmp_pa
         (student / name).unlink()
     rc, lines = _run(_distill(run, "--lr-g", "0.01"), capsys)
     _one_line(rc, lines, "other settings", "lr_g")
-    assert (student / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
+    assert (student / "checkpoint.safetensors").read_bytes() == before["checkpoint.safetensors"]
     # asked to overwrite: trained again with the new setting
     assert _run(_distill(run, "--lr-g", "0.01", "--overwrite"), capsys)[0] == 0
     assert read_json(student / "manifest.json")["config"]["distill"]["lr_g"] == 0.01
@@ -222,7 +222,7 @@ def test_a_finished_student_does_not_need_its_transfer_set(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in student.iterdir() if p.is_file()} == before
     # a student that must still read it: the transfer set writes the missing shard again, the same bytes
     (student / "manifest.json").unlink()
-    (student / "checkpoint.pt").unlink()
+    (student / "checkpoint.safetensors").unlink()
     assert _run(_distill(run), capsys)[0] == 0
     assert shard.read_bytes() == good
     assert (student / "model.safetensors").read_bytes() == before["model.safetensors"]
@@ -282,9 +282,9 @@ def test_teacher_killed_during_its_export_keeps_the_checkpoints_of_an_uninterrup
     tt.train_teacher("colored", tmp_path / "out", tt.preset_config("quick", **cfg), progress=False)
     (tmp_path / "out" / "teacher" / "manifest.json").unlink()  # killed during the export
     tt.train_teacher("colored", tmp_path / "out", tt.preset_config("quick", **cfg), progress=False)
-    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-        a = torch.load(tmp_path / "ref" / "teacher" / "train" / name, weights_only=True)
-        b = torch.load(tmp_path / "out" / "teacher" / "train" / name, weights_only=True)
+    for name in ("checkpoint.safetensors", "checkpoint.prev.safetensors"):
+        a = load_checkpoint(tmp_path / "ref" / "teacher" / "train" / name)
+        b = load_checkpoint(tmp_path / "out" / "teacher" / "train" / name)
         assert a["step"] == b["step"], name
 
 

@@ -131,19 +131,13 @@ def _content(path: Path):
         rows = list(csv.reader(io.StringIO(path.read_text())))
         keep = [i for i, name in enumerate(rows[0]) if not _timed(name)] if rows else []
         return [[r[i] for i in keep if i < len(r)] for r in rows]
-    if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "rows" in state and "elapsed" in state:  # distillation: a row ends with its time
+    if path.name.startswith("checkpoint") and path.suffix == ".safetensors":  # every trainer's one format
+        from skdcgn.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        if "rows" in state and "elapsed" in state:  # distillation: a row ends with its time
             state = {**state, "rows": [list(r)[:-1] for r in state["rows"]]}
         return _untimed(state)
-    if path.name == "checkpoint.safetensors":  # classifier: tensors, and the log (with seconds) in its metadata
-        import json as _json
-
-        from skdcgn.io import load_tensors, tensor_file_metadata
-
-        meta = tensor_file_metadata(path)
-        meta["resume"] = _untimed(_json.loads(meta.get("resume", "{}")))
-        return _untimed(load_tensors(path)), meta
     return path.read_bytes()
 
 
@@ -245,8 +239,8 @@ def test_sigterm_then_sigkills_then_resume_is_bitwise_identical(stage, reference
 LAST_CHECKPOINT = {  # the file a stage writes last before its final export (what it resumes from)
     "counterfactuals": "shard_00009.safetensors",
     "classifier": "checkpoint.safetensors",
-    "teacher": "teacher/train/checkpoint.pt",
-    "distill": "distill/students/shape/checkpoint.pt",
+    "teacher": "teacher/train/checkpoint.safetensors",
+    "distill": "distill/students/shape/checkpoint.safetensors",
 }
 
 

@@ -31,6 +31,7 @@ from skdcgn import teacher_training as tt
 from skdcgn.cli import main
 from skdcgn.data import variants
 from skdcgn.data.mnist import mnist_files
+from skdcgn.checkpoint import load_checkpoint, save_checkpoint
 from skdcgn.io import load_tensors, save_tensors, write_manifest
 from skdcgn.models.cgn import CGN
 from skdcgn.models.cgn_mnist import shipped_teacher_path, teacher_mechanisms
@@ -424,7 +425,7 @@ def _resumable(stage: str, finished: Path, t: Path):
         (t / "run" / "teacher" / "manifest.json").unlink()
         return (_teacher_train(t, "--steps", "2", "--batch-size", "8", "--ngf", "4", "--ndf", "8", "--checkpoint-every",
                                "1", "--sample-every", "0", "--bn-recalibration-batches", "1"),
-                t / "run" / "teacher" / "train" / "checkpoint.pt")
+                t / "run" / "teacher" / "train" / "checkpoint.safetensors")
     if stage == "classifier":
         shutil.copytree(finished / "clf", t / "clf")
         (t / "clf" / "manifest.json").unlink()
@@ -434,7 +435,7 @@ def _resumable(stage: str, finished: Path, t: Path):
     (t / "distill" / "distill" / "students" / "shape" / "manifest.json").unlink()
     return (["distill", "--teacher", t / "cgn", "--mechanism", "shape", "--run-dir", t / "distill", "--preset", "tiny",
              "--steps", "2", "--device", "cpu", "--no-progress"],
-            t / "distill" / "distill" / "students" / "shape" / "checkpoint.pt")
+            t / "distill" / "distill" / "students" / "shape" / "checkpoint.safetensors")
 
 
 @pytest.fixture
@@ -451,15 +452,20 @@ def test_malicious_pickle_is_refused_and_runs_nothing(where, finished, t, capsys
     else:
         stage = where.split("-")[0]
         argv, ckpt = _resumable(stage, finished, t)
-        if stage == "classifier":  # its checkpoints are safetensors; a planted .pt is simply never read
+        if stage == "classifier":  # a planted .pt is simply never read
             _evil_pickle(ckpt.with_suffix(".pt"), target)
             ckpt.write_bytes(b"garbage that is not safetensors")
             assert _run(argv, capsys)[0] == 0
             assert not target.exists()
             return
+        # a pickle where skdcgn 0.1.0 kept its checkpoints (checkpoint.pt): refused unread, and a
+        # pickle in the place of today's checkpoint: not a training state, never unpickled
+        _evil_pickle(ckpt.with_name("checkpoint.pt"), target)
+        _assert_one_line(*_run(argv, capsys), "skdcgn 0.1.0")
+        ckpt.with_name("checkpoint.pt").unlink()
         _evil_pickle(ckpt, target)
         if stage == "teacher":
-            _evil_pickle(ckpt.with_suffix(".prev.pt"), target)
+            _evil_pickle(ckpt.with_name("checkpoint.prev.safetensors"), target)
         match = "checkpoint"
     _assert_one_line(*_run(argv, capsys), match)
     assert not target.exists(), "loading the checkpoint ran code"
@@ -468,22 +474,15 @@ def test_malicious_pickle_is_refused_and_runs_nothing(where, finished, t, capsys
 @pytest.mark.parametrize("stage", ["teacher", "distill", "classifier"])
 def test_nan_in_a_resume_checkpoint_is_refused(stage, finished, t, capsys, synthetic_teacher_data):
     argv, ckpt = _resumable(stage, finished, t)
-    if stage == "classifier":
-        from safetensors import safe_open
-
-        with safe_open(str(ckpt), framework="pt") as f:
-            meta = f.metadata()
-        tensors = dict(load_tensors(ckpt))
-        tensors["model.head.weight"] = torch.full_like(tensors["model.head.weight"], float("nan"))
-        save_tensors(ckpt, tensors, metadata=meta)
-    else:
-        paths = [ckpt] + ([ckpt.with_suffix(".prev.pt")] if stage == "teacher" else [])
-        for p in paths:
-            state = torch.load(p, weights_only=True)
-            key = "cgn" if stage == "teacher" else "G"
-            name = _first_float(state[key])
-            state[key][name] = torch.full_like(state[key][name], float("nan"))
-            torch.save(state, p)
+    paths = [ckpt] + ([ckpt.with_name("checkpoint.prev.safetensors")] if stage == "teacher" else [])
+    for p in paths:  # every trainer's checkpoint is one format (skdcgn.checkpoint)
+        state = load_checkpoint(p)
+        stage_of = state.pop("stage")
+        state.pop("stage_hash")
+        key = {"teacher": "cgn", "distill": "G", "classifier": "model"}[stage]
+        name = _first_float(state[key])
+        state[key][name] = torch.full_like(state[key][name], float("nan"))
+        save_checkpoint(p, state, stage_of)
     _assert_one_line(*_run(argv, capsys), "NaN")
 
 

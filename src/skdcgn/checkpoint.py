@@ -97,11 +97,12 @@ def checkpoint_stage(path: str | os.PathLike) -> dict | None:
     return stage if isinstance(stage, dict) else None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, check_values: bool = True) -> dict:
     """The state saved at `path`, tensors on the CPU, with `stage` and `stage_hash` added.
 
     Raises `SkdcgnError` (one line naming the file and what to do) for a file in an older skdcgn
-    format (a `torch.save` pickle), a truncated or foreign file, a broken skeleton, or NaN or
+    format (a `torch.save` pickle), a truncated or foreign file, a broken skeleton, or (unless
+    `check_values=False`, for a caller that checks them itself with `io.check_finite`) NaN or
     infinite values anywhere in it (resuming would train garbage)."""
     path = Path(path)
     meta = _metadata(path)
@@ -117,7 +118,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                           "delete it to start over") from None
     if not isinstance(state, dict) or not isinstance(stage, dict):
         raise SkdcgnError(f"{path}: damaged training state (not an object); delete it to start over")
-    check_finite(state, str(path))
+    if check_values:
+        check_finite(state, str(path))
     return {**state, "stage": stage, "stage_hash": meta.get("stage_hash", config_hash(stage))}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
@@ -28,12 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .checkpoint import checkpoint_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import resolve_device
 from .counterfactuals import derive_seed
 from .images import to_float, validate_images
 from .errors import SkdcgnError
-from .io import (MANIFEST, check_finite, config_hash, folder_lock, load_tensors, read_json, refuse_other_settings, save_tensors,
-                 stage_complete, tensor_file_metadata, write_csv, write_manifest)
+from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
+                 write_csv, write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -97,61 +97,29 @@ def data_hash(images: Tensor, labels: Tensor) -> str:
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, log: list[dict],
                      device: torch.device, stage: dict, monitor_ids: dict[str, str]) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_sd = opt.state_dict()
-    plain_state: dict[str, dict] = {}
-    for pid, st in opt_sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                plain_state.setdefault(str(pid), {})[k] = v
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    meta = {"epoch": epoch, "step": step, "log": log, "scheduler": sched.state_dict(),
-            "param_groups": opt_sd["param_groups"], "plain_state": plain_state, "monitor": monitor_ids}
-    save_tensors(path, tensors, metadata={"resume": json.dumps(meta), "stage_hash": config_hash(stage),
-                                          "stage": json.dumps(stage, sort_keys=True)})
+    save_checkpoint(path, {"model": model.state_dict(), "optim": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "rng": rng_state(device), "epoch": epoch, "step": step, "log": log,
+                           "monitor": monitor_ids}, stage)
 
 
-def _checkpoint_stage_hash(path: Path) -> str | None:
-    """Which run a checkpoint belongs to (None when unreadable: it is then ignored)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("stage_hash")
-    except (SafetensorError, OSError, ValueError):
-        return None
+def _is_legacy_checkpoint(path: Path) -> bool:
+    """A classifier checkpoint of skdcgn 0.1.0 (safetensors with its own 'resume' metadata)."""
+    meta = tensor_file_metadata(path)
+    return "resume" in meta and "format" not in meta
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device
                      ) -> tuple[int, int, list[dict], dict[str, str]]:
-    """Restore the training state; (epoch, step, log, {monitor name: data hash} the log's monitored
-    accuracies were measured on; empty for checkpoints written before it was stored)."""
-    from safetensors import safe_open
-
-    tensors = load_tensors(path)
-    check_finite(tensors, str(path))
+    """Restore the training state (`checkpoint.load_checkpoint`); (epoch, step, log, {monitor name:
+    data hash} the log's monitored accuracies were measured on)."""
+    state = load_checkpoint(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["resume"])
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
-        for pid, st in meta["plain_state"].items():
-            state.setdefault(int(pid), {}).update(st)
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        return int(meta["epoch"]), int(meta["step"]), list(meta["log"]), dict(meta.get("monitor", {}))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], device)
+        return int(state["epoch"]), int(state["step"]), list(state["log"]), dict(state.get("monitor", {}))
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise SkdcgnError(f"{path}: not a usable checkpoint for this run ({str(e).splitlines()[0][:200]}); "
                           "delete it to start over") from None
@@ -205,11 +173,10 @@ def _recorded_stage(out: Path) -> dict | None:
         config = read_json(out / MANIFEST).get("config")
         return config if isinstance(config, dict) else {}
     if (out / CHECKPOINT).is_file():
-        meta = tensor_file_metadata(out / CHECKPOINT)
-        try:
-            return json.loads(meta["stage"])
-        except (KeyError, ValueError):
-            return {"stage_hash": meta.get("stage_hash")}  # written before checkpoints named their stage, or unreadable
+        if _is_legacy_checkpoint(out / CHECKPOINT):
+            raise SkdcgnError(f"{out / CHECKPOINT}: a checkpoint of skdcgn 0.1.0, which this version does not "
+                              "resume; delete it (or pass --overwrite) to start over")
+        return checkpoint_stage(out / CHECKPOINT) or {"stage_hash": None}  # None: unreadable, started over below
     return None
 
 
@@ -229,9 +196,9 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
         from .models.pretrained import load_model
         return load_model(out).to(device)
     if out is not None:
+        if overwrite and (out / CHECKPOINT).is_file() and _is_legacy_checkpoint(out / CHECKPOINT):
+            (out / CHECKPOINT).unlink()  # skdcgn 0.1.0's format cannot be resumed: --overwrite starts over
         recorded = _recorded_stage(out)
-        if recorded is not None and recorded.get("stage_hash") == config_hash(stage):
-            recorded = stage  # an older checkpoint of these very settings
         if recorded == {"stage_hash": None}:
             recorded = None  # an unreadable checkpoint holds nothing to keep: started over below, saying so
         if refuse_other_settings(out, "a classifier", recorded, stage, overwrite):
@@ -258,7 +225,7 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.gamma)
         epoch, step, log = 0, 0, []
         if out is not None and (out / CHECKPOINT).is_file():
-            if _checkpoint_stage_hash(out / CHECKPOINT) != config_hash(stage):  # only an unreadable one gets here
+            if config_hash(checkpoint_stage(out / CHECKPOINT)) != config_hash(stage):  # only an unreadable one gets here
                 print(f"skdcgn: {out / CHECKPOINT}: unreadable checkpoint; starting over", file=sys.stderr, flush=True)
             else:
                 epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)

@@ -36,7 +36,7 @@ noise, texture shifts and dropout from one generator whose state is checkpointed
 resumed run is bitwise identical to an uninterrupted one.
 
 Layout of `run_dir/teacher/`: the CGN (`cgn.json`, `shape/`, `foreground/`, `background/`),
-`grid.png` + `grid_mechanisms.png` (eval mode), `train/` (checkpoint.pt and its previous copy,
+`grid.png` + `grid_mechanisms.png` (eval mode), `train/` (checkpoint.safetensors and its previous copy,
 losses.csv, samples/step_NNNNNN.png, config.json) and, written last, `manifest.json`.
 """
 from __future__ import annotations
@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import io
 import math
 import os
 import time
@@ -55,12 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compose import compose
 from .config import config_from_dict, resolve_device, set_threads
 from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
-from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete, write_bytes, write_json, write_manifest
+from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
@@ -266,26 +266,35 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically write `state`; the previous checkpoint is kept as `<name>.prev`."""
+CHECKPOINT, PREV_CHECKPOINT = "checkpoint.safetensors", "checkpoint.prev.safetensors"  # skdcgn.checkpoint
+LEGACY_CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # skdcgn 0.1.0 (torch.save): refused in one line
+TEACHER_STATE = {"step", "variant", "config", "cgn", "disc", "opt_g", "opt_d", "rng"}
+
+
+def _save_checkpoint(path: Path, state: dict, stage: dict) -> None:
+    """Atomically write `state` (`checkpoint.save_checkpoint`); the previous one is kept beside it."""
     if path.exists():
-        os.replace(path, path.with_suffix(".prev.pt"))
-    buf = io.BytesIO()
-    torch.save(state, buf)  # serialise in memory: a failed write is then a plain OSError
-    write_bytes(path, buf.getvalue())
+        os.replace(path, path.with_name(PREV_CHECKPOINT))
+    save_checkpoint(path, state, stage)
 
 
 def _load_checkpoint(path: Path) -> dict | None:
-    """The newest readable checkpoint (weights_only: plain tensors and containers, never code)."""
-    candidates = [p for p in (path, path.with_suffix(".prev.pt")) if p.is_file()]
+    """The newest readable checkpoint (`path`, else its previous copy), or None when there is none.
+    NaN or infinite values are refused, not skipped over; a checkpoint of skdcgn 0.1.0 is refused."""
+    legacy = [path.with_name(n) for n in LEGACY_CHECKPOINTS if path.with_name(n).is_file()]
+    if legacy:
+        raise SkdcgnError(f"{legacy[0]}: a checkpoint of skdcgn 0.1.0 (torch.save format), which this version "
+                          "does not resume; delete it (or pass --overwrite) to start over")
     errors = []
-    for p in candidates:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file: try the older copy
-            errors.append(f"{p.name}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}")
+    for p in (path, path.with_name(PREV_CHECKPOINT)):
+        if not p.is_file():
             continue
-        if isinstance(state, dict) and {"step", "config", "cgn", "disc", "opt_g", "opt_d", "rng"} <= set(state):
+        try:
+            state = load_checkpoint(p, check_values=False)
+        except SkdcgnError as e:  # a damaged file: try the older copy
+            errors.append(f"{p.name}: {str(e)[len(str(p)) + 2:][:120]}")
+            continue
+        if TEACHER_STATE <= set(state):
             check_finite(state, str(p))
             return state
         errors.append(f"{p.name}: not a teacher-training checkpoint")
@@ -356,7 +365,7 @@ def _discard_teacher(stage_dir: Path) -> None:
     """Remove what teacher training writes (and nothing else): the start of an overwrite."""
     import shutil
 
-    for name in ("checkpoint.pt", "checkpoint.prev.pt", "losses.csv", "config.json"):
+    for name in (CHECKPOINT, PREV_CHECKPOINT, *LEGACY_CHECKPOINTS, "losses.csv", "config.json"):
         (stage_dir / "train" / name).unlink(missing_ok=True)
     shutil.rmtree(stage_dir / "train" / "samples", ignore_errors=True)
     for name in (MANIFEST, "cgn.json", "grid.png", "grid_mechanisms.png"):
@@ -398,9 +407,12 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
 
     # Resume, or start afresh. Any manifest goes (once the checkpoint is known to fit): the stage is
     # incomplete until the end.
-    ckpt_path = train_dir / "checkpoint.pt"
+    ckpt_path = train_dir / CHECKPOINT
     csv_path = train_dir / "losses.csv"
     step = 0
+    if overwrite:  # a checkpoint of skdcgn 0.1.0 cannot be resumed: with --overwrite it goes
+        for name in LEGACY_CHECKPOINTS:
+            (train_dir / name).unlink(missing_ok=True)
     saved = _load_checkpoint(ckpt_path)
     if saved is not None and overwrite:
         try:
@@ -440,7 +452,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
             "step": step, "variant": variant, "config": dataclasses.asdict(config),
             "cgn": cgn.state_dict(), "disc": disc.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": gen.get_state(),
-        })
+        }, _stage_config(variant, config))
 
     new_csv = not csv_path.exists()
     csv_file = open(csv_path, "a", newline="")

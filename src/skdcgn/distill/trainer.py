@@ -6,7 +6,7 @@ writes, per mechanism m,
 
     runs/NAME/transfer/m/                     shards + manifest.json (see query.py)
     runs/NAME/distill/students/m/             config.json + model.safetensors + manifest.json,
-                                              checkpoint.pt, losses.csv, samples/step_*.png
+                                              checkpoint.safetensors, losses.csv, samples/step_*.png
     runs/NAME/distill/eval.json, compare_*.png
 
 Each stage is skipped when its manifest matches the config, and resumes from its checkpoint
@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import io
 import math
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -41,11 +39,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import config_from_dict, resolve_device, set_threads
 from ..errors import SkdcgnError
 from ..grids import image_grid, save_png, stack_grids
-from ..io import (MANIFEST, check_finite, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
-                  remove_stale_temporaries, stage_complete, verify_manifest, write_bytes, write_csv, write_manifest)
+from ..io import (MANIFEST, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
+                  remove_stale_temporaries, stage_complete, verify_manifest, write_csv, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
@@ -55,7 +54,8 @@ from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import evaluate_distillation
 from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher, transfer_config
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # skdcgn.checkpoint's format
+LEGACY_CHECKPOINT = "checkpoint.pt"  # skdcgn 0.1.0: refused with one line
 LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
 
 
@@ -303,20 +303,18 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
     if stage_complete(out_dir, stage):
         return load_model(out_dir)  # type: ignore[return-value]
     ckpt = out_dir / CHECKPOINT
+    if (out_dir / LEGACY_CHECKPOINT).is_file() and not overwrite:
+        _load_checkpoint(out_dir / LEGACY_CHECKPOINT)  # refuses, naming it
     state = _load_checkpoint(ckpt) if ckpt.is_file() else None
     if (out_dir / MANIFEST).is_file():
         recorded = read_json(out_dir / MANIFEST).get("config")
-    elif state is not None:
-        recorded = state.get("stage") or {"stage_hash": state.get("stage_hash")}  # older checkpoints: the hash only
     else:
-        recorded = None
-    if isinstance(recorded, dict) and recorded.get("stage_hash") == config_hash(stage):
-        recorded = stage
+        recorded = None if state is None else state["stage"]
     if recorded is not None and not isinstance(recorded, dict):
         recorded = {}  # a malformed record: other settings
     if refuse_other_settings(out_dir, f"a {mechanism} student", recorded, stage, overwrite):
         if env.is_main:  # (rank 0 writes the folder; the others wait for it)
-            for name in (MANIFEST, CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
+            for name in (MANIFEST, CHECKPOINT, LEGACY_CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
                 (out_dir / name).unlink(missing_ok=True)
             for png in (out_dir / "samples").glob("step_*.png"):
                 png.unlink()
@@ -451,26 +449,24 @@ class _Logits(nn.Module):
 
 def _save_checkpoint(path: Path, stage: dict, step: int, rows: list, elapsed: float, G: nn.Module,
                      D: nn.Module | None, ema: nn.Module | None, opt_g, opt_d, logs: dict[str, float]) -> None:
-    state = {"stage_hash": config_hash(stage), "stage": stage, "step": step, "rows": rows, "elapsed": elapsed,
-             "logs": {k: float(v) for k, v in logs.items()}, "G": G.state_dict(), "opt_g": opt_g.state_dict()}
+    state = {"step": step, "rows": rows, "elapsed": elapsed, "logs": {k: float(v) for k, v in logs.items()},
+             "G": G.state_dict(), "opt_g": opt_g.state_dict()}
     if D is not None:
         state["D"], state["opt_d"] = D.state_dict(), opt_d.state_dict()
     if ema is not None:
         state["ema"] = ema.state_dict()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_bytes(path, buf.getvalue())
+    save_checkpoint(path, state, stage)
 
 
 def _load_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and containers only
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SkdcgnError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
-                          "delete it to start this mechanism over") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise SkdcgnError(f"{path}: not a distillation checkpoint")
-    check_finite(state, str(path))
+    """The training state at `path` (`checkpoint.load_checkpoint`: stage and its hash included);
+    a checkpoint of skdcgn 0.1.0 (`checkpoint.pt`, a torch.save pickle) is refused in one line."""
+    if path.name == LEGACY_CHECKPOINT:
+        raise SkdcgnError(f"{path}: a checkpoint of skdcgn 0.1.0 (torch.save format), which this version does "
+                          "not resume; delete it to start this mechanism over")
+    state = load_checkpoint(path)
+    if "step" not in state:
+        raise SkdcgnError(f"{path}: not a distillation checkpoint; delete it to start this mechanism over")
     return state
 
 
