@@ -45,6 +45,11 @@ SPLITS = ("train", "test", "test_iid")
 
 @dataclasses.dataclass
 class ClassifierConfig:
+    """Training of an invariant classifier, the CGN authors' MNIST protocol by default: Adadelta
+    (lr 1.0) with StepLR (×`gamma` per epoch), batch 64, 10 epochs. Ranges (`validate`): epochs
+    1–10,000, batch_size 1–10⁶, lr in (0, 100], gamma in (0, 1], max_examples ≥ 0 (images),
+    max_steps ≥ 0 (optimizer steps); 0 means no limit. Raises `SkdcgnError` naming the field."""
+
     arch: str = "cgn"  # cgn (the CGN authors' CNN) | mnist_example (the PyTorch MNIST example CNN)
     epochs: int = 10
     batch_size: int = 64
@@ -56,6 +61,7 @@ class ClassifierConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no cap)
 
     def validate(self) -> None:
+        """Check each field's range (see the class doc); raises `SkdcgnError`."""
         if self.arch not in ARCHS:
             raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
         for name, lo, hi in (("epochs", 1, 10_000), ("batch_size", 1, 1_000_000), ("seed", 0, 2**63 - 1),
@@ -85,6 +91,8 @@ def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10, check_range
 
 
 def data_hash(images: Tensor, labels: Tensor) -> str:
+    """A 16-hex-digit sha256 of a dataset (dtype, shape and the bytes of images and labels): which
+    images a classifier was trained or scored on."""
     h = hashlib.sha256()
     h.update(f"{images.dtype}{list(images.shape)}".encode())
     for t in (images, labels):

@@ -37,6 +37,12 @@ from .results.report import write_run_report
 
 @dataclasses.dataclass
 class RunConfig:
+    """What `skdcgn run` does per variant: the teacher (shipped or trained), the students (distilled
+    with a distillation preset, or reused from an earlier run), the counterfactual sets (images per
+    set, counterfactuals per mask) and the classifiers (rows, seeds, architecture, epochs, caps).
+    `validate()` checks names against VARIANTS, ROWS + HYBRID_ROWS, COMPOSERS and the classifier
+    architectures, and counts against their ranges; raises `SkdcgnError` naming the field."""
+
     variants: tuple[str, ...] = ("double_colored",)
     teacher: str = "shipped"  # shipped (the released teacher of each variant) | train (train one first)
     teacher_preset: str = "quick"  # with teacher=train: a preset of teacher_training
@@ -57,6 +63,7 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Check names and ranges (see the class doc); raises `SkdcgnError`."""
         for v in self.variants:
             if v not in VARIANTS:
                 raise SkdcgnError(f"variants: {v!r} is not one of {', '.join(VARIANTS)} (or 'all')")
@@ -135,6 +142,10 @@ def _say(progress: bool, text: str) -> None:
 
 
 def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True, overwrite: bool = False) -> dict:
+    """Every stage of one variant into `vdir` (teacher, students, counterfactual sets, classifiers),
+    each skipped when finished; returns the variant's summary (accuracy table of mean ± std in %,
+    timings in seconds). Raises `SkdcgnError` for bad input or a stage of other settings (unless
+    `overwrite`)."""
     from .api import load_cgn
     from .counterfactuals import generate_counterfactuals, load_image_dataset
     from .distill.trainer import distill, preset as distill_preset

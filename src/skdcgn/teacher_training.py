@@ -73,6 +73,12 @@ RESUMABLE_FIELDS = ("steps", "sample_every", "checkpoint_every", "log_every", "d
 
 @dataclasses.dataclass
 class TeacherTrainConfig:
+    """Training of a CGN-MNIST teacher (the CGN authors' losses: LSGAN, binary mask entropy,
+    mask-size prior, texture term). Units beside each field; `*_every` fields count steps, 0
+    switches the action off. `validate()` checks integer ranges (steps 1–10⁸, batch 2–65,536),
+    float ranges (lr in [1e-8, 1], β in [0, 1), weights ≥ 0, mask bounds in [0, 1] with
+    mask_min < mask_max) and choices; raises `SkdcgnError` naming the field."""
+
     steps: int = 1000  # generator (and discriminator) updates
     batch_size: int = 16
     lr: float = 2e-4  # Adam, generator and discriminator
@@ -98,6 +104,7 @@ class TeacherTrainConfig:
     threads: int = 0  # torch CPU threads for this run; 0: leave PyTorch's default
 
     def validate(self) -> None:
+        """Check each field's type and range (see the class doc); raises `SkdcgnError`."""
         ints = {"steps": (1, 10**8), "batch_size": (2, 65536), "ndf": (0, 4096), "ngf": (1, 1024),
                 "seed": (0, 2**62), "data_seed": (0, 2**62), "sample_every": (0, 10**8),
                 "checkpoint_every": (0, 10**8), "log_every": (1, 10**8), "bn_recalibration_batches": (0, 10**6), "threads": (0, 1024)}
@@ -167,6 +174,7 @@ class PatchStatistics(nn.Module):
         self.register_buffer("w2", (w2 - w2.mean((1, 2, 3), keepdim=True)) / math.sqrt(widths[0] * 9), persistent=False)
 
     def features(self, x: Tensor) -> list[Tensor]:
+        """Images [N, 3, 32, 32] in [-1, 1] → [pixels, conv1 [N, 32, 32, 32], conv2 [N, 64, 16, 16]] (ReLU)."""
         h1 = F.relu(F.conv2d(x, self.w1, padding=1))                   # [N, 32, 32, 32]
         h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), self.w2, padding=1))  # [N, 64, 16, 16]
         return [x, h1, h2]

@@ -37,7 +37,6 @@ import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -67,11 +66,15 @@ def label_dtype(n_classes: int) -> torch.dtype:
 
 
 def encode(out: Tensor, is_mask: bool) -> Tensor:
+    """A teacher output as stored in a transfer set: uint8, same shape. Masks [0, 1] ↦ round(255·m);
+    images [-1, 1] ↦ round(127.5·(x + 1)); values outside the range are clamped. `decode` inverts it
+    to within half a quantisation step: |decode(encode(x)) − x| ≤ 1/510 (masks) or 1/255 (images)."""
     x = out.float() * 255.0 if is_mask else (out.float() + 1.0) * 127.5
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def decode(q: Tensor, is_mask: bool) -> Tensor:
+    """uint8 [N, C, H, W] of `encode` → float32: masks in [0, 1] (q / 255), images in [-1, 1] (q / 127.5 − 1)."""
     x = q.float()
     return x / 255.0 if is_mask else x / 127.5 - 1.0
 
@@ -432,6 +435,7 @@ class TransferSet:
         return u, y, decode(out, self.is_mask)
 
     def targets(self, index: Tensor) -> Tensor:
+        """The decoded teacher outputs float32 [len(index), C, H, W] of samples `index` (int64)."""
         return self.sample(index)[2]
 
     def _order(self, epoch: int, seed: int) -> Tensor:
@@ -459,12 +463,6 @@ class TransferSet:
         epoch, pos = divmod(step, per_epoch)
         idx = self._order(epoch, seed)[pos * batch_size:(pos + 1) * batch_size]
         return self.sample(idx[rank_slice(len(idx), *part)])
-
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        step = start
-        while True:
-            yield self.batch(step, batch_size, seed)
-            step += 1
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
@@ -507,6 +505,7 @@ class OnlineTeacher:
         return decode(encode(out, is_mask), is_mask)
 
     def targets(self, index: Tensor) -> Tensor:
+        """The teacher's outputs (quantised as in a stored set) for preview samples `index`, on the CPU."""
         return self._query(self.u[index], self.y[index]).cpu()
 
     def sample(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -514,6 +513,9 @@ class OnlineTeacher:
         return self.u[index], self.y[index], self.targets(index)
 
     def batch(self, step: int, batch_size: int, seed: int, part: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor, Tensor]:
+        """(u float32 [B, latent], y int64 [B] in [0, n_classes), teacher output) of training step
+        `step`, drawn fresh from a generator seeded by (seed, step); `part` as in `TransferSet.batch`
+        (B = batch_size // world_size)."""
         g = torch.Generator().manual_seed(derive_seed(seed, step))
         y = torch.randint(0, self.n_classes, (batch_size,), generator=g)
         u = torch.randn(batch_size, self.latent_dim, generator=g)

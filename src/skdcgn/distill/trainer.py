@@ -61,6 +61,13 @@ LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fak
 
 @dataclasses.dataclass
 class DistillConfig:
+    """Settings of a distillation (TinyGAN-style, Chang & Lu, ACCV 2020): transfer set, student and
+    discriminator sizes, Adam optimisation, loss weights, bookkeeping. Units are given beside each
+    field: counts of samples or steps, channels, learning rates per step; `*_interval` fields count
+    steps. `validate()` checks every range (counts ≥ 1 up to 10⁷, rates and betas in [0, 1], β₂ and
+    EMA decay < 1) and raises `SkdcgnError` naming the field. Presets: `PRESETS` / `preset`.
+    """
+
     # transfer set
     n_transfer: int = 20_000  # teacher queries per mechanism
     shard_size: int = 5_000
@@ -106,6 +113,7 @@ class DistillConfig:
     stream_window: int = 0  # 0: the transfer set in memory; k: stream it, k shards shuffled at a time
 
     def validate(self) -> None:
+        """Check every field's range and choice (see the class doc); raises `SkdcgnError`."""
         for name, lo, hi in (("n_transfer", 1, 10_000_000), ("shard_size", 1, 10_000_000), ("steps", 1, 10_000_000),
                              ("batch_size", 1, 65_536), ("n_eval", 1, 1_000_000), ("log_interval", 1, 10_000_000),
                              ("sample_interval", 1, 10_000_000), ("checkpoint_interval", 1, 10_000_000),
@@ -134,12 +142,16 @@ class DistillConfig:
             raise SkdcgnError("bf16: autocast is only used on CUDA; set device to auto or cuda")
 
     def steps_for(self, mechanism: str) -> int:
+        """Training steps of `mechanism`'s student: `steps` for the shape, `texture_steps` (when > 0) for textures."""
         return self.texture_steps if mechanism != "shape" and self.texture_steps > 0 else self.steps
 
     def loss_weights(self) -> LossWeights:
+        """The loss terms' weights and the mask loss (`losses.LossWeights`)."""
         return LossWeights(self.pixel_weight, self.adversarial_weight, self.feature_matching_weight, self.mask_loss)
 
     def student_config(self, mechanism: str, n_classes: int = 10, latent_dim: int = 32) -> StudentConfig:
+        """The validated `StudentConfig` of `mechanism`'s student for a teacher of `n_classes`
+        classes and `latent_dim`-dimensional noise."""
         extra = {"image_size": self.student_image_size} if self.student_image_size != 32 else {}
         cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim,
                             embed_dim=self.student_embed_dim, widths=tuple(self.student_widths),
@@ -200,6 +212,8 @@ def config_record(config: DistillConfig) -> dict:
 
 
 def preset(name: str, **overrides) -> DistillConfig:
+    """The validated `DistillConfig` of preset `name` (`PRESETS`) with `overrides`; raises
+    `SkdcgnError` for an unknown preset or a bad value."""
     if name not in PRESETS:
         raise SkdcgnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return config_from_dict(DistillConfig, {**PRESETS[name], **overrides}, f"preset {name}")
