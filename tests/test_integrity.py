@@ -8,6 +8,7 @@ would meet them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -170,7 +171,7 @@ def test_a_damaged_dataset_is_refused_by_training_and_repaired_by_its_command(da
 # ---- the cache is checked too ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["100-labels", "one-image-byte", "label-minus-one"])
-def test_a_changed_cache_file_is_rebuilt(damage, tmp_path, monkeypatch, capfd):
+def test_a_changed_cache_file_is_rebuilt(damage, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SKDCGN_CACHE", str(tmp_path / "cache"))
     from skdcgn.data.variants import load_variant_uint8, variant_cache_path
 
@@ -184,9 +185,10 @@ def test_a_changed_cache_file_is_rebuilt(damage, tmp_path, monkeypatch, capfd):
     else:
         t["labels"][3] = -1
     save_tensors(path, t, metadata=meta)  # as a user editing the file would: its recorded digest kept
-    capfd.readouterr()
-    again_images, again_labels = load_variant_uint8("colored", "test")
-    err = capfd.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skdcgn"):
+        again_images, again_labels = load_variant_uint8("colored", "test")
+    err = caplog.text  # a warning of the skdcgn logger (the CLI prints it as `skdcgn: …` on stderr)
     assert "rebuilding" in err and str(path) in err, err
     assert torch.equal(again_images, images) and torch.equal(again_labels, labels)
     t2 = load_tensors(path)

@@ -51,7 +51,7 @@ def _loss_rows(run_dir) -> list[list[str]]:
     return [r[:seconds] + r[seconds + 1:] for r in rows]
 
 
-def test_few_steps_write_a_loadable_cgn(tmp_path, synthetic, capsys):
+def test_few_steps_write_a_loadable_cgn(tmp_path, synthetic, caplog):
     state = torch.get_rng_state()
     cgn = tt.train_teacher("double_colored", tmp_path, _tiny(), progress=False)
     assert torch.equal(state, torch.get_rng_state())  # training leaves the caller's global RNG alone
@@ -70,8 +70,9 @@ def test_few_steps_write_a_loadable_cgn(tmp_path, synthetic, capsys):
     assert all(torch.equal(a, r) for a, r in zip((m, f, b, x), ref))
 
     # the same config again is a no-op
-    tt.train_teacher("double_colored", tmp_path, _tiny(), progress=False)
-    assert "skipping" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="skdcgn"):
+        tt.train_teacher("double_colored", tmp_path, _tiny(), progress=False)
+    assert "skipping" in caplog.text
 
 
 def test_resume_after_interruption_is_bitwise_identical(tmp_path, synthetic):

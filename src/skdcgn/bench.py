@@ -20,6 +20,7 @@ a CPU quick run and a GPU full run appear together. Both files are written atomi
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import datetime as _dt
 import os
@@ -34,6 +35,8 @@ from .errors import SkdcgnError
 from .io import read_json, write_json
 from .results.records import hardware_info
 from .results.render import write_results
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,6 @@ class BenchContext:
     student: object | None
     students_dir: str | None
     record: dict
-    log: Callable[[str], None]
 
 
 # A hook returns None (nothing to add) or {"title": str, "markdown": str, "data": JSON-able}.
@@ -120,8 +122,7 @@ def _images_of(unit: str, t: torch.Tensor) -> torch.Tensor:
     return render_mask(t) if unit == "shape" else t
 
 
-def quality_section(teacher, student, variant: str, settings: BenchPreset, device: torch.device,
-                    log: Callable[[str], None]) -> dict:
+def quality_section(teacher, student, variant: str, settings: BenchPreset, device: torch.device) -> dict:
     """FID/KID/intra-FID in the domain network's space; mask health (see the module doc)."""
     from .data import load_variant
     from .metrics.domain import load_domain_extractor
@@ -137,7 +138,7 @@ def quality_section(teacher, student, variant: str, settings: BenchPreset, devic
         sets["student"] = sample_all(student, labels, seed=1)
     real_x, real_y = load_variant(variant, "test_iid")
     real_x, real_y = real_x[:n], real_y[:n]
-    log(f"quality: sampled {n} images per set; real = {variant}/test_iid ({len(real_x)})")
+    logger.info(f"quality: sampled {n} images per set; real = {variant}/test_iid ({len(real_x)})")
 
     feats = {(name, unit): extract_features(ext, _images_of(unit, t), device=device)
              for name, parts in sets.items() for unit, t in parts.items()}
@@ -156,7 +157,7 @@ def quality_section(teacher, student, variant: str, settings: BenchPreset, devic
             row = {"unit": unit, "pair": title, **fid_kid(fa, fb, settings.kid_subsets, settings.kid_subset_size)}
             row["intra_fid"] = intra_fid(fa, lab[a], fb, lab[b])
             rows.append(row)
-            log(f"quality {unit:<10} {title:<36} FID {row['fid']:8.3f}  KID {row['kid'] * 1e3:7.3f}e-3  "
+            logger.info(f"quality {unit:<10} {title:<36} FID {row['fid']:8.3f}  KID {row['kid'] * 1e3:7.3f}e-3  "
                 f"intra-FID {row['intra_fid']['mean']:.3f}")
     health = {"teacher": mask_health(teacher, ext.predict, settings.mask_per_class, seed=3)}
     if student is not None:
@@ -170,13 +171,12 @@ def quality_section(teacher, student, variant: str, settings: BenchPreset, devic
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def distill_students(preset: str, teacher_name: str, teacher, run_dir: str | os.PathLike, device: str,
-                     log: Callable[[str], None] = print) -> tuple[str, float]:
+def distill_students(preset: str, teacher_name: str, teacher, run_dir: str | os.PathLike, device: str) -> tuple[str, float]:
     """Distil the three mechanisms with the distillation API's preset `preset`; (run dir, seconds)."""
     from .distill.trainer import distill, preset as distill_preset
 
     t0 = time.time()
-    log(f"distilling students (distill preset {DISTILL_PRESET[preset]!r}) into {run_dir}")
+    logger.info(f"distilling students (distill preset {DISTILL_PRESET[preset]!r}) into {run_dir}")
     cfg = distill_preset(DISTILL_PRESET[preset], device=device)
     distill(teacher, ["shape", "foreground", "background"], run_dir, cfg, progress=False, evaluate=False)
     return str(run_dir), time.time() - t0
@@ -185,8 +185,7 @@ def distill_students(preset: str, teacher_name: str, teacher, run_dir: str | os.
 def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double_colored",
               students: str | None = None, out: str | os.PathLike = "docs/results.md",
               command: str | None = None, threads: int | None = None, quality: bool = True,
-              distill: bool = True, distill_dir: str | os.PathLike | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              distill: bool = True, distill_dir: str | os.PathLike | None = None) -> dict:
     """Measure, merge into `<out>.json` under the key `<preset>-<device type>`, render `out`.
 
     Without `students`, students are distilled first (unless `distill` is False): see the module doc.
@@ -206,7 +205,7 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
     distill_seconds = None
     if not students and distill:
         run_dir = distill_dir or Path("runs") / f"bench-{preset}-{teacher}"
-        students, distill_seconds = distill_students(preset, teacher, t_cgn, run_dir, str(dev), log)
+        students, distill_seconds = distill_students(preset, teacher, t_cgn, run_dir, str(dev))
     s_cgn = load_cgn(f"students:{students}").to(dev).eval() if students else None
     models = {"teacher": t_cgn} if s_cgn is None else {"teacher": t_cgn, "student": s_cgn}
     record: dict = {
@@ -219,12 +218,12 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
         "params": {k: m.get_num_params() for k, m in models.items()},
         "distill_seconds": None if distill_seconds is None else round(distill_seconds, 1),
     }
-    log(f"bench {record['key']}: teacher {teacher}" + (f", students {students}" if students else ", no students"))
+    logger.info(f"bench {record['key']}: teacher {teacher}" + (f", students {students}" if students else ", no students"))
     record["cost"] = cost_table(models, dev, settings.batch_sizes, warmup=settings.warmup, repeats=settings.repeats,
-                                min_seconds=settings.min_seconds, log=log)
+                                min_seconds=settings.min_seconds)
     if quality:
-        record["quality"] = quality_section(t_cgn, s_cgn, TEACHER_VARIANT[teacher], settings, dev, log)
-    ctx = BenchContext(preset, settings, dev, teacher, t_cgn, s_cgn, str(students) if students else None, record, log)
+        record["quality"] = quality_section(t_cgn, s_cgn, TEACHER_VARIANT[teacher], settings, dev)
+    ctx = BenchContext(preset, settings, dev, teacher, t_cgn, s_cgn, str(students) if students else None, record)
     record["sections"] = {}
     for name, hook in SECTION_HOOKS.items():
         section = hook(ctx)
@@ -232,7 +231,7 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
             record["sections"][name] = section
     record["seconds"] = round(time.time() - t0, 1)
     write_results(out, record)
-    log(f"wrote {out} and {Path(out).with_suffix('.json')} ({record['seconds']:.0f}s)")
+    logger.info(f"wrote {out} and {Path(out).with_suffix('.json')} ({record['seconds']:.0f}s)")
     return record
 
 
@@ -261,8 +260,7 @@ def imagenet_models(image_size: int = 256, seed: int = 0) -> dict:
 
 def run_imagenet_bench(device: str = "cpu", batch_sizes: tuple[int, ...] = (1,), repeats: int = 2, warmup: int = 1,
                        units: tuple[str, ...] = ("shape", "foreground", "background", "composite"),
-                       out: str | os.PathLike | None = "docs/imagenet_results.json", threads: int | None = None,
-                       log: Callable[[str], None] = print) -> dict:
+                       out: str | os.PathLike | None = "docs/imagenet_results.json", threads: int | None = None) -> dict:
     """Parameters, MACs and images/s of the CGN-ImageNet teacher vs the 256-px students.
 
     Uses `metrics.cost.cost_table` (interleaved timing, MACs from torch's FLOP counter, one image
@@ -276,20 +274,20 @@ def run_imagenet_bench(device: str = "cpu", batch_sizes: tuple[int, ...] = (1,),
     t0 = time.time()
     models = imagenet_models()
     cost = cost_table(models, dev, batch_sizes, units=units, warmup=warmup, repeats=repeats, min_seconds=0.0,
-                      mac_batch=1, log=log)
+                      mac_batch=1)
     record = {"key": f"imagenet-256-{dev.type}", "hardware": hardware_info(dev),
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "params": {k: m.get_num_params() for k, m in models.items()}, "cost": cost,
               "seconds": round(time.time() - t0, 1)}
     for r in cost["ratios"]:
-        log(f"{r['unit']}: params {r['params']:.1f}x, MACs {r['macs']:.1f}x, speed "
+        logger.info(f"{r['unit']}: params {r['params']:.1f}x, MACs {r['macs']:.1f}x, speed "
             + ", ".join(f"batch {b}: {v:.1f}x" for b, v in r["speed"].items()))
     if out is not None:
         out = Path(out)
         runs = read_json(out).get("runs", {}) if out.is_file() else {}
         runs[record["key"]] = record
         write_json(out, {"runs": runs})
-        log(f"wrote {out} ({record['seconds']:.0f}s)")
+        logger.info(f"wrote {out} ({record['seconds']:.0f}s)")
     return record
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import signal
 import sys
 from typing import Iterator
@@ -82,9 +83,44 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "func", None):
                 parser.print_help()
                 return 2
-            return _run(args, received)
+            quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
+            with _console_logging(quiet):
+                return _run(args, received)
         except KeyboardInterrupt:
             return _interrupted(received)
+
+
+class _ConsoleHandler(logging.Handler):
+    """skdcgn's log records on the console: INFO as they are on stdout (progress of a stage),
+    WARNING and above as `skdcgn: …` on stderr. The streams are looked up at each record, so a
+    redirected or captured sys.stdout is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"skdcgn: {text}"
+            else:
+                stream = sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never break a command
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_logging(quiet: bool) -> Iterator[None]:
+    """While a command runs, the `skdcgn` loggers print to the console (INFO, or WARNING and above
+    with `--quiet`/`--no-progress`); the handler goes afterwards, so library users keep theirs."""
+    root = logging.getLogger("skdcgn")
+    handler, level = _ConsoleHandler(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def console_main() -> None:

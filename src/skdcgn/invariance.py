@@ -14,10 +14,10 @@ A run resumed from its checkpoint ends bitwise identical to an uninterrupted one
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +35,8 @@ from .errors import SkdcgnError
 from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
                  write_csv, write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.csv"
@@ -234,12 +236,11 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
         epoch, step, log = 0, 0, []
         if out is not None and (out / CHECKPOINT).is_file():
             if config_hash(checkpoint_stage(out / CHECKPOINT)) != config_hash(stage):  # only an unreadable one gets here
-                print(f"skdcgn: {out / CHECKPOINT}: unreadable checkpoint; starting over", file=sys.stderr, flush=True)
+                logger.warning("%s: unreadable checkpoint; starting over", out / CHECKPOINT)
             else:
                 epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
                 log = _drop_stale_monitoring(log, saved_ids, monitor_ids)
-                if progress:
-                    print(f"resuming {out} after epoch {epoch} (step {step})")
+                logger.info("resuming %s after epoch %d (step %d)", out, epoch, step)
         # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
         # comfortably: one copy instead of one per step
         on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
@@ -281,9 +282,8 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
             for name, (mx, my) in (monitor or {}).items():
                 row[f"{name}_accuracy"] = round(evaluate(model, mx, my), 6)  # eval mode: BN statistics untouched
             log.append(row)
-            if progress:
-                print(f"epoch {epoch}: loss {row['loss']:.4f}, train accuracy {row['accuracy']:.4f}, "
-                      f"{row['seconds']:.1f} s")
+            logger.info("epoch %d: loss %.4f, train accuracy %.4f, %.1f s", epoch, row["loss"], row["accuracy"],
+                        row["seconds"])
             if out is not None:
                 _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, stage, monitor_ids)
                 _write_log(out / LOG, log)

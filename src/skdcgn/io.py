@@ -6,6 +6,7 @@ its `manifest.json` exists: the manifest is written last.
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import csv
 import errno
@@ -15,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -27,6 +27,8 @@ from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
 from .errors import SkdcgnError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"  # atomic writes go to ".<name>.<random>.tmp" beside their target
@@ -397,7 +399,7 @@ def stage_complete(stage_dir: str | os.PathLike, config: dict, verify: bool = Tr
         try:
             verify_manifest(stage_dir, manifest)
         except SkdcgnError as e:
-            print(f"skdcgn: {e}; regenerating it", file=sys.stderr, flush=True)
+            logger.warning("%s; regenerating it", e)
             return False
     return True
 
@@ -578,10 +580,7 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]
     while not parent.exists() and parent != parent.parent:
         created.append(parent)
         parent = parent.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SkdcgnError(f"could not write {folder}: {e.strerror or e}") from None
+    make_dirs(folder)
     path = folder / LOCK
     key = str(path.resolve())
     if key in _HELD:

@@ -17,6 +17,7 @@ Table 2, extended) and the composition-study rows are classifiers trained on:
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import statistics
 import time
@@ -33,6 +34,8 @@ from .io import config_hash, folder_lock, read_json, stage_complete, write_json,
 from .results.records import HYBRID_ROWS, ROWS, command_line, data_build, hardware_info, mean_std
 from .results.render import write_results
 from .results.report import write_run_report
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -138,7 +141,7 @@ def _run(run_dir: Path, config: RunConfig, progress: bool, overwrite: bool) -> d
 
 def _say(progress: bool, text: str) -> None:
     if progress:
-        print(f"[skdcgn run] {text}", flush=True)
+        logger.info("[skdcgn run] %s", text)
 
 
 def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = True, overwrite: bool = False) -> dict:

@@ -41,6 +41,7 @@ losses.csv, samples/step_NNNNNN.png, config.json) and, written last, `manifest.j
 """
 from __future__ import annotations
 
+import logging
 import copy
 import csv
 import dataclasses
@@ -64,6 +65,8 @@ from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
+
+logger = logging.getLogger(__name__)
 
 STAGE = "teacher"
 LOSS_COLUMNS = ("step", "seconds", "loss_d", "d_real", "d_fake", "adv", "binary", "mask_prior", "texture", "mask_mean")
@@ -394,7 +397,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
     train_dir = stage_dir / "train"
     stage_cfg = _stage_config(variant, config)
     if stage_complete(stage_dir, stage_cfg):
-        print(f"{stage_dir}: already trained with this config; skipping")
+        logger.info("%s: already trained with this config; skipping", stage_dir)
         return _load_teacher(stage_dir)
     device = resolve_device(config.device)
     set_threads(config.threads)
@@ -449,7 +452,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
         (stage_dir / MANIFEST).unlink(missing_ok=True)
         _trim_csv(csv_path, step)
-        print(f"resuming {stage_dir} from step {step}")
+        logger.info("resuming %s from step %d", stage_dir, step)
     else:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
         csv_path.unlink(missing_ok=True)  # losses of a run whose checkpoint is gone

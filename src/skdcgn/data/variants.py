@@ -22,9 +22,9 @@ bitwise identical. Randomness comes only from a `numpy.random.Generator` seeded 
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +39,8 @@ from ..images import to_float
 from ..io import (cache_dir, config_hash, folder_lock, load_tensors, remove_safetensors_temporaries,
                   remove_stale_temporaries, save_tensors, tensor_digest)
 from .mnist import load_mnist, mnist_fingerprint
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = ("colored", "double_colored", "wildlife")
 SPLITS = ("train", "test", "test_iid")
@@ -291,21 +293,21 @@ def _read_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     try:
         t = load_tensors(path)
     except SkdcgnError as e:
-        print(f"skdcgn: rebuilding unreadable cache file: {e}", file=sys.stderr)
+        logger.warning(f"rebuilding unreadable cache file: {e}")
         return None
     images, labels = t.get("images"), t.get("labels")
     if (images is None or labels is None or images.dtype != torch.uint8 or labels.dtype != torch.int64
             or tuple(images.shape) != (n, 3, SIZE, SIZE) or tuple(labels.shape) != (n,)):
-        print(f"skdcgn: rebuilding cache file with unexpected content: {path}", file=sys.stderr)
+        logger.warning(f"rebuilding cache file with unexpected content: {path}")
         return None
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= 10):
-        print(f"skdcgn: rebuilding cache file with labels outside [0, 10): {path}", file=sys.stderr)
+        logger.warning(f"rebuilding cache file with labels outside [0, 10): {path}")
         return None
     from ..io import tensor_file_metadata
 
     recorded = tensor_file_metadata(path).get("sha256")
     if recorded != tensor_digest({"images": images, "labels": labels}):
-        print(f"skdcgn: rebuilding cache file whose content does not match its recorded sha256: {path}", file=sys.stderr)
+        logger.warning(f"rebuilding cache file whose content does not match its recorded sha256: {path}")
         return None
     return images, labels
 

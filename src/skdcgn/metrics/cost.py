@@ -12,6 +12,7 @@ student side by side, measured in one run (interleaved, so a busy machine slows 
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Callable, Sequence
@@ -21,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import resolve_device
 from ..models.pretrained import count_params  # noqa: F401  (one counter; re-exported for the cost API)
+
+logger = logging.getLogger(__name__)
 
 UNITS = ("shape", "foreground", "background", "composite")
 
@@ -111,8 +114,7 @@ def unit_params(cgn, unit: str) -> int:
 @torch.no_grad()
 def cost_table(models: dict[str, object], device: torch.device | str = "cpu",
                batch_sizes: Sequence[int] = (1, 64, 256), units: Sequence[str] = UNITS,
-               warmup: int = 2, repeats: int = 5, min_seconds: float = 0.05, mac_batch: int = 8,
-               log: Callable[[str], None] = lambda s: None) -> dict:
+               warmup: int = 2, repeats: int = 5, min_seconds: float = 0.05, mac_batch: int = 8) -> dict:
     """Cost of each unit of each CGN in `models` (e.g. {"teacher": t, "student": s}).
 
     Returns {"rows": [{unit, model, params, macs_per_image, images_per_s: {batch: v},
@@ -136,7 +138,7 @@ def cost_table(models: dict[str, object], device: torch.device | str = "cpu",
             for name in models:
                 per_model[name]["images_per_s"][b] = speeds[name]
                 per_model[name]["peak_memory_bytes"][b] = peak_memory(fns[name], device)
-            log(f"cost {unit} batch {b}: " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in speeds.items()))
+            logger.info(f"cost {unit} batch {b}: " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in speeds.items()))
         rows.extend(per_model.values())
     ratios = []
     names = list(models)

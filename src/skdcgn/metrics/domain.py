@@ -27,6 +27,7 @@ Accuracies of the shipped weights are recorded in `assets/domain_net/training.js
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
@@ -44,6 +45,8 @@ from ..images import check_images
 from ..io import sha256_file, verify_sha256, write_json
 from ..models.domain_net import DomainNet, DomainNetConfig
 from ..models.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_model
+
+logger = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "domain_net"
 # sha256 of the shipped files; `load_domain_net` refuses anything else.
@@ -206,7 +209,7 @@ def mnist_digits32(start: int, stop: int) -> tuple[Tensor, Tensor]:
     return resize_digits(images[start:stop], "bilinear"), torch.from_numpy(labels[start:stop].copy())
 
 
-def train_domain_net(cfg: DomainTrainConfig, out: str | Path, log=print) -> dict:
+def train_domain_net(cfg: DomainTrainConfig, out: str | Path) -> dict:
     """Train the domain network as documented above; save it to `out`; return the record."""
     from ..data import load_variant_uint8
 
@@ -223,7 +226,7 @@ def train_domain_net(cfg: DomainTrainConfig, out: str | Path, log=print) -> dict
     var_x, var_y, var_t = torch.cat(var_x), torch.cat(var_y), torch.cat(var_t)
     digits, digit_y = mnist_digits32(0, 50_000)  # the same images the train splits use
     textures, palette = load_textures(), _palette()
-    log(f"data ready in {time.time() - t0:.0f}s: {len(var_x)} variant images, {len(digits)} digits")
+    logger.info(f"data ready in {time.time() - t0:.0f}s: {len(var_x)} variant images, {len(digits)} digits")
 
     model = DomainNet(DomainNetConfig(width=cfg.width)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -255,17 +258,17 @@ def train_domain_net(cfg: DomainTrainConfig, out: str | Path, log=print) -> dict
             correct += int((logits.argmax(1) == y).sum())
             seen += int((y >= 0).sum())
             if step % 100 == 0:
-                log(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+                logger.info(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
         history.append({"epoch": epoch, "loss": tot / seen, "train_digit_acc": correct / seen})
-        log(f"epoch {epoch}: loss {tot / seen:.4f}, digit acc {correct / seen:.4f} ({time.time() - t0:.0f}s)")
+        logger.info(f"epoch {epoch}: loss {tot / seen:.4f}, digit acc {correct / seen:.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     model.save_pretrained(out)  # saved before evaluation: a failed evaluation loses no training
     record = {"config": dataclasses.asdict(cfg), "history": history, "train_seconds": round(time.time() - t0, 1),
               "accuracy": evaluate_domain_net(model), "torch": torch.__version__}
     write_json(Path(out) / "training.json", record)
     sums = {name: sha256_file(Path(out) / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
-    log(json.dumps(record["accuracy"], indent=1))
-    log(f"sha256: {json.dumps(sums)}")
+    logger.info(json.dumps(record["accuracy"], indent=1))
+    logger.info(f"sha256: {json.dumps(sums)}")
     return {**record, "sha256": sums}
 
 

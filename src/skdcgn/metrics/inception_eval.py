@@ -34,6 +34,7 @@ Protocol (docs/imagenet.md, "Evaluation: Inception FID and IS"):
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -44,6 +45,8 @@ from torch import Tensor
 from ..config import resolve_device
 from ..errors import SkdcgnError
 from .fid import extract_features, fid, fid_kid, inception_score, kid, softmax_probs
+
+logger = logging.getLogger(__name__)
 
 UNITS = ("composite", "foreground", "background", "shape")
 Classifier = Callable[[Tensor], Tensor]  # images [N, 3, H, W] in [-1, 1] → logits [N, K]
@@ -160,7 +163,7 @@ def evaluate_against_teacher(teacher, students, n: int = 50_000, extractor=None,
                              device: torch.device | str = "cpu", progress: bool = True,
                              classes: Sequence[int] | None = None, *, units: Sequence[str] = ("composite",),
                              classifier: Classifier | None = None, splits: int = 10, kid_subsets: int = 100,
-                             kid_subset_size: int = 1000, log: Callable[[str], None] | None = None) -> dict:
+                             kid_subset_size: int = 1000) -> dict:
     """FID, KID and IS of each student vs the teacher from the same seeded inputs (module doc).
 
     teacher: a CGN; students: a CGN or {name: CGN}; extractor: a `FeatureExtractor` (default: the
@@ -190,7 +193,6 @@ def evaluate_against_teacher(teacher, students, n: int = 50_000, extractor=None,
         from .fid import load_inception_extractor
 
         extractor = load_inception_extractor(device)
-    say = log or (lambda _msg: None)
 
     models = {"teacher": teacher, **{f"student:{k}": v for k, v in students.items()}}
     was_training = {k: m.training for k, m in models.items()}
@@ -200,7 +202,7 @@ def evaluate_against_teacher(teacher, students, n: int = 50_000, extractor=None,
             model.to(device).eval()
             sets[key] = cgn_features(model, n, extractor, batch_size, seed, device, classes, units, classifier,
                                      progress, desc=key)
-            say(f"{key}: {n} samples, sampling {sets[key]['sample_s']:.1f}s, features {sets[key]['features_s']:.1f}s")
+            logger.info(f"{key}: {n} samples, sampling {sets[key]['sample_s']:.1f}s, features {sets[key]['features_s']:.1f}s")
     finally:
         for key, model in models.items():
             model.train(was_training[key])
@@ -225,7 +227,7 @@ def evaluate_against_teacher(teacher, students, n: int = 50_000, extractor=None,
             row = result["students"][name][unit] = {
                 "fid": fid(sf, tf), "fid_halves": halves["fid"], "kid": halves["kid"], "kid_std": halves["kid_std"],
                 "is": is_mean, "is_std": is_std}
-            say(f"{unit} {name}: FID {row['fid']:.3f}, halves {row['fid_halves']:.3f} "
+            logger.info(f"{unit} {name}: FID {row['fid']:.3f}, halves {row['fid_halves']:.3f} "
                 f"(floor {result['teacher'][unit]['floor']['fid']:.3f}), KID {row['kid']:.3g}")
     timings = {key: {"sample_s": round(s["sample_s"], 3), "features_s": round(s["features_s"], 3),
                      "images_per_s": round(n / max(s["sample_s"], 1e-9), 2)} for key, s in sets.items()}
