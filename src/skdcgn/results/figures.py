@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..errors import SkdcgnError
 from ..io import read_json, write_bytes
@@ -151,8 +151,13 @@ def plot_classifier_curves(vdir: Path, variant: str, result: dict, out: Path, al
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("test accuracy (OOD), %")
         axes[1].set_ylim(0, 100)
+    epochs = sorted({e for (ep, _), _, _, _ in curves.values() for e in ep})
     for ax in axes:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 20:  # a tick per epoch; one epoch (the tiny preset) is not a 0.96..1.04 axis
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()  # every row has a loss; not every row was monitored
     axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
