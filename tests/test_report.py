@@ -38,8 +38,10 @@ def _fake_run(run_dir: Path) -> dict:
     vdir = run_dir / "colored"
     for row in ROWS:
         for s in range(2):
-            log = [{"epoch": e, "steps": 10 * e, "lr": 1.0, "loss": (2.0 + ROWS.index(row)) / e ** 2 + 0.1 * s, "accuracy": 0.3 * e, "seconds": 1.0,
-                    **({"test_accuracy": 0.2 * e + 0.1 * s + 0.05 * ROWS.index(row)} if row != "original" else {})} for e in (1, 2, 3)]
+            i = ROWS.index(row)
+            log = [{"epoch": e, "steps": 10 * e, "lr": 1.0, "loss": (2.0 + i) / e ** 2 + 0.1 * s, "accuracy": 0.3 * e,
+                    "seconds": 1.0, **({"test_accuracy": 0.2 * e + 0.1 * s + 0.05 * i} if row != "original" else {})}
+                   for e in (1, 2, 3)]
             out = vdir / "classifiers" / row / f"seed{s}"
             out.mkdir(parents=True)
             if row == "original" and s == 1:  # no manifest (e.g. copied without it): the CSV log is read
@@ -137,6 +139,21 @@ def test_training_logs_read_from_manifest_or_csv(tmp_path):
     assert [r["epoch"] for r in from_manifest] == [r["epoch"] for r in from_csv] == [1, 2, 3]
     assert from_csv[0]["loss"] == pytest.approx(from_manifest[0]["loss"] + 0.1)
     assert read_training_log(root / "seed7") is None
+
+
+def test_parameter_counts_from_the_composite_or_the_three_mechanisms(tmp_path):
+    from skdcgn.results.figures import cgn_params
+
+    _fake_run(tmp_path)
+    ev = tmp_path / "colored" / "distill" / "eval.json"
+    assert cgn_params(ev) == {"teacher": 659_992, "students": 143_788}
+    doc = json.loads(ev.read_text())
+    del doc["composite"]
+    write_json(ev, doc)
+    assert cgn_params(ev) == {"teacher": 4 * 143_788, "students": 143_788}
+    del doc["mechanisms"]["shape"]["teacher_params"]  # an incomplete evaluation: no point, no error
+    write_json(ev, doc)
+    assert cgn_params(ev) is None and cgn_params(tmp_path / "nowhere.json") is None
 
 
 def test_bench_record_cost_vs_fid(tmp_path):

@@ -217,7 +217,7 @@ def cgn_params(eval_json: Path) -> dict[str, int] | None:
     """Parameters of the teacher CGN and of the students' CGN from a distillation's eval.json
     (`distill.evaluate.evaluate_distillation`): {"teacher": n, "students": n}, from its
     `composite.params`, else summed over the three mechanisms' `teacher_params` / `params`; None
-    when the file is missing or holds fewer than all three mechanisms. Raises `SkdcgnError` naming
+    when the file is missing or holds fewer than all three mechanisms' counts. Raises `SkdcgnError` naming
     the file when a count is not a positive integer."""
     if not eval_json.is_file():
         return None
@@ -228,7 +228,8 @@ def cgn_params(eval_json: Path) -> dict[str, int] | None:
             counts = {k: composite["params"][k] for k in ("teacher", "students")}
         else:
             mechs = ev.get("mechanisms", {})
-            if not isinstance(mechs, dict) or not all(isinstance(mechs.get(m), dict) for m in MECHANISMS):
+            if not isinstance(mechs, dict) or not all(isinstance(mechs.get(m), dict) and "params" in mechs[m]
+                                                      and "teacher_params" in mechs[m] for m in MECHANISMS):
                 return None
             counts = {"teacher": sum(_count(mechs[m]["teacher_params"]) for m in MECHANISMS),
                       "students": sum(_count(mechs[m]["params"]) for m in MECHANISMS)}
