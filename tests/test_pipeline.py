@@ -55,8 +55,10 @@ def test_table_and_report(tiny_run):
     recorded = (run_dir / "record.md").read_text()
     assert "after each epoch" in recorded and f"| colored | student_cf | 0 | {curves['student_cf']['mean'][0]:.1f} |" in recorded
     html = (run_dir / "report.html").read_text()
-    for img in ("accuracy.png", "colored/distill/compare_composite.png", "colored/datasets/student_cf/preview.png"):
+    for img in ("accuracy.png", "colored/distill/compare_composite.png", "colored/datasets/student_cf/preview.png",
+                "cost_quality.png", "colored/classifiers/curves.png"):  # the last two: params from eval.json, logs
         assert f"src='{img}'" in html and (run_dir / img).is_file()
+    assert "teacher/train/losses.png" not in html  # the shipped teacher: no training losses to draw
 
 
 def test_second_run_resumes_from_manifests(tiny_run, capsys):

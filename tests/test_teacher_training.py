@@ -69,6 +69,12 @@ def test_few_steps_write_a_loadable_cgn(tmp_path, synthetic, caplog):
     ref = cgn.sample(torch.arange(10), generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, r) for a, r in zip((m, f, b, x), ref))
 
+    # the report's figure of the real losses table, beside it: the finished stage stays finished
+    from skdcgn.results.figures import plot_teacher_losses
+
+    assert plot_teacher_losses(stage / "train" / "losses.csv", stage / "train" / "losses.png")
+    assert (stage / "train" / "losses.png").stat().st_size > 0
+
     # the same config again is a no-op
     with caplog.at_level("INFO", logger="skdcgn"):
         tt.train_teacher("double_colored", tmp_path, _tiny(), progress=False)

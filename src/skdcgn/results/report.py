@@ -1,4 +1,5 @@
-"""A run's report: `results.md` (tables) and `report.html` (grids, loss curves, accuracy chart).
+"""A run's report: `results.md` (tables) and `report.html` (grids, loss and training curves, accuracy and
+cost-vs-quality charts; the newer figures are drawn in `figures`).
 
 Everything here is read back from a run directory's artifacts; nothing is recomputed, so the
 report of a finished run can be regenerated at any time (`skdcgn report RUN_DIR`).
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import os
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from ..data.variants import VARIANTS
 from ..errors import SkdcgnError
 from ..io import read_json, write_bytes
 from ..models.cgn import MECHANISMS
+from .figures import plot_classifier_curves, plot_cost_vs_accuracy, plot_teacher_losses, save_fig as _save_fig
 from .records import format_mean_std
 from .render import format_table, table_rows
 
@@ -77,12 +78,6 @@ def _plot_accuracy(summary: dict, out: Path) -> None:
     _save_fig(fig, out)
 
 
-def _save_fig(fig: Figure, out: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes(out, buf.getvalue())
-
-
 def results_markdown(summary: dict) -> str:
     """results.md of one run: the accuracy table (%) and the stage times (seconds) of each variant."""
     lines = ["# Results of this run", "",
@@ -121,6 +116,13 @@ def check_summary(summary: object, source: str) -> dict:
                         isinstance(cell.get(k), (int, float)) and not isinstance(cell.get(k), bool)
                         for k in ("mean", "std", "n")):
                     raise bad(f"results.{v}.table.{row}.{split}", "should hold numbers mean, std and n")
+        curves = res.get("test_by_epoch", {})
+        if not isinstance(curves, dict) or not all(
+                isinstance(c, dict) and isinstance(c.get("seeds"), list) and isinstance(c.get("mean"), list)
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in c["seeds"])
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in c["mean"])
+                for c in curves.values()):
+            raise bad(f"results.{v}.test_by_epoch", "should map rows to lists seeds (integers) and mean (numbers)")
     return summary
 
 
@@ -128,7 +130,11 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
     """Write results.md, accuracy.png and report.html into `run_dir` from its `summary`; returns the
     path of report.html.
 
-    Raises `SkdcgnError` if `summary` is malformed (`check_summary`).
+    The figures, each drawn only when its artifacts are there: `cost_quality.png` (CGN parameters
+    against the OOD accuracy of `teacher_cf` / `student_cf`, `figures.plot_cost_vs_accuracy`), and
+    per variant `teacher/train/losses.png` (a trained teacher's losses), `distill/losses.png`,
+    `classifiers/curves.png` (train loss and OOD accuracy per epoch, `figures.plot_classifier_curves`).
+    Raises `SkdcgnError` if `summary` is malformed (`check_summary`) or an artifact it reads is.
     """
     run_dir = Path(run_dir)
     check_summary(summary, str(run_dir / "results.json"))
@@ -139,9 +145,15 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>",
              f"<h1>skdcgn run: {html.escape(run_dir.name)}</h1>", "<h2>Out-of-distribution accuracy</h2>",
              "<img src='accuracy.png'>", _table_html(summary)]
-    for v in summary["results"]:
+    if plot_cost_vs_accuracy(run_dir, summary, run_dir / "cost_quality.png"):
+        parts.append("<h2>Cost vs quality: teacher and students</h2><img src='cost_quality.png'>")
+    all_rows = table_rows(summary["results"])
+    for v, res in summary["results"].items():
         vdir = run_dir / v
         parts.append(f"<h2>{html.escape(v)}</h2>")
+        if plot_teacher_losses(vdir / "teacher" / "train" / "losses.csv", vdir / "teacher" / "train" / "losses.png",
+                               title=f"{v}: teacher training (teacher/train/losses.csv)"):
+            parts.append(f"<h3>Teacher training losses</h3><img src='{v}/teacher/train/losses.png'>")
         ev = vdir / "distill" / "eval.json"
         if ev.is_file():
             parts.append("<h3>Students vs teacher on held-out (u, y)</h3><pre>" +
@@ -152,6 +164,8 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
                 parts.append(f"<h4>teacher | student: {name}</h4><img src='{v}/distill/compare_{name}.png'>")
         if _plot_losses(vdir, vdir / "distill" / "losses.png"):
             parts.append(f"<h3>Distillation losses</h3><img src='{v}/distill/losses.png'>")
+        if plot_classifier_curves(vdir, v, res, vdir / "classifiers" / "curves.png", all_rows):
+            parts.append(f"<h3>Classifier training curves</h3><img src='{v}/classifiers/curves.png'>")
         datasets = sorted((vdir / "datasets").glob("*/preview.png")) if (vdir / "datasets").is_dir() else []
         if datasets:
             parts.append("<h3>Datasets (one shape per row)</h3>")
