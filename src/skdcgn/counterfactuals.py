@@ -16,7 +16,6 @@ resumes with the missing shards and produces exactly the files of an uninterrupt
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from .compose import COMPOSERS, compose_variant
 from .errors import SkdcgnError
+from .hashing import derive_seed, sha256_of
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
 from .io import (MANIFEST, confined, config_hash, first_difference, folder_lock, load_tensors, read_json,
@@ -39,19 +39,9 @@ PREVIEW = "preview.png"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (e.g. (seed, shard)); stable across runs and platforms."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def weights_hash(module: torch.nn.Module) -> str:
     """A short hash of a module's parameters and buffers (identifies the CGN in the manifest)."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sha256_of(*(part for k, v in sorted(module.state_dict().items()) for part in (k, v)))[:16]
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:

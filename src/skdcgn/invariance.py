@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import dataclasses
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import resolve_device
-from .counterfactuals import derive_seed
 from .images import to_float, validate_images
 from .errors import SkdcgnError
+from .hashing import derive_seed, sha256_of
 from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
                  write_csv, write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
@@ -95,11 +94,7 @@ def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10, check_range
 def data_hash(images: Tensor, labels: Tensor) -> str:
     """A 16-hex-digit sha256 of a dataset (dtype, shape and the bytes of images and labels): which
     images a classifier was trained or scored on."""
-    h = hashlib.sha256()
-    h.update(f"{images.dtype}{list(images.shape)}".encode())
-    for t in (images, labels):
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sha256_of(f"{images.dtype}{list(images.shape)}", images, labels)[:16]
 
 
 # ---- checkpoints: tensors in safetensors, everything else as JSON in its metadata -----------------

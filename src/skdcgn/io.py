@@ -27,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
 from .errors import SkdcgnError
+from .hashing import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -512,12 +513,8 @@ def check_recorded(path: str | os.PathLike, levels: int = 2) -> None:
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of named tensors' dtypes, shapes and bytes (in key order): the digest a cache file
     carries in its own metadata, since a file cannot record its own file hash."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a 150 MB set
-    return h.hexdigest()
+    return sha256_of(*(part for k in sorted(tensors)  # the buffers themselves: no copy of a 150 MB set
+                       for part in (f"{k}:{tensors[k].dtype}:{list(tensors[k].shape)};", tensors[k])))
 
 
 # ---- rerun rule: other settings are refused in one line, unless asked to overwrite -----------------

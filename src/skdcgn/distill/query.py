@@ -29,7 +29,6 @@ for masks and 1/255 ≈ 0.0039 for textures (in their [-1, 1] range); the mean i
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import math
 import os
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from ..config import resolve_device
 from ..errors import SkdcgnError
+from ..hashing import derive_seed, sha256_of
 from ..io import (MANIFEST, atomic_path, confined, config_hash, folder_lock, make_dirs, load_tensors, read_json, recorded_digests,
                   refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata, verify_file,
                   write_manifest)
@@ -53,11 +53,6 @@ U_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SHARD_FORMATS = ("safetensors", "tar")
 SHARD = {"safetensors": "shard_{:05d}.safetensors", "tar": "shard_{:05d}.tar"}
 MARKER = "skdcgn.shard"  # (config hash : shard index) in the file: a shard of another config is rewritten
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy SeedSequence: well mixed, platform independent)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def label_dtype(n_classes: int) -> torch.dtype:
@@ -95,7 +90,7 @@ def _probe(mechanism: nn.Module, latent_dim: int, n_classes: int, device: torch.
 
 
 def _fingerprint(probe: Tensor) -> str:
-    return hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]
+    return sha256_of(probe)[:16]
 
 
 def _shard_inputs(seed: int, index: int, size: int, latent_dim: int, n_classes: int) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import config_from_dict, resolve_device, set_threads
 from ..errors import SkdcgnError
+from ..hashing import derive_seed
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (MANIFEST, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
                   remove_stale_temporaries, stage_complete, verify_manifest, write_csv, write_manifest)
@@ -52,7 +53,7 @@ from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import evaluate_distillation
-from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, derive_seed, query_teacher, transfer_config
+from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, query_teacher, transfer_config
 
 CHECKPOINT = "checkpoint.safetensors"  # skdcgn.checkpoint's format
 LEGACY_CHECKPOINT = "checkpoint.pt"  # skdcgn 0.1.0: refused with one line

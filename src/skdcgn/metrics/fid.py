@@ -18,7 +18,6 @@ k(x, y) = (x·y / d + 1)³, averaged over random subsets (mean and standard devi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from ..config import resolve_device
 from ..errors import SkdcgnError
+from ..hashing import sha256_of
 from ..images import check_images
 from ..io import load_tensors, save_tensors, verify_sha256
 
@@ -358,7 +358,7 @@ def load_inception_output_layer(path: str | os.PathLike) -> Tensor:
 
 def tensor_sha256(t: Tensor) -> str:
     """sha256 of a tensor's float32 bytes (identifies a user-provided output layer)."""
-    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return sha256_of(t.detach().float())
 
 
 def load_inception_extractor(device: torch.device | str = "cpu",
