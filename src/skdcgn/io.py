@@ -114,18 +114,23 @@ _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$") 
 def remove_stale_temporaries(folder: str | os.PathLike, depth: int = 2) -> int:
     """Delete temporary files that killed atomic writes left in `folder` and its subfolders
     (`depth` levels deep); return how many were removed."""
-    n = 0
-    folder = Path(folder)
+    return _remove_files_named(Path(folder), _TMP_NAME, depth)
+
+
+def _remove_files_named(folder: Path, pattern: re.Pattern, depth: int) -> int:
+    """Delete the files whose name matches `pattern` in `folder` and `depth` levels below it
+    (links are never followed); return how many."""
     if not folder.is_dir() or folder.is_symlink():
         return 0
+    n = 0
     for p in folder.iterdir():
         if p.is_symlink():
             continue
-        if p.is_file() and _TMP_NAME.match(p.name):
+        if p.is_file() and pattern.match(p.name):
             p.unlink(missing_ok=True)
             n += 1
         elif p.is_dir() and depth > 0:
-            n += remove_stale_temporaries(p, depth - 1)
+            n += _remove_files_named(p, pattern, depth - 1)
     return n
 
 
@@ -432,19 +437,7 @@ def remove_safetensors_temporaries(folder: str | os.PathLike, depth: int = 2) ->
     """Delete the `.tmpXXXXXX` files that safetensors' own file writer left when killed (skdcgn
     versions before `save_tensors` serialised in memory used it) in `folder` and its subfolders;
     return how many. Call it only while no other process writes there (under `folder_lock`)."""
-    n = 0
-    folder = Path(folder)
-    if not folder.is_dir() or folder.is_symlink():
-        return 0
-    for p in folder.iterdir():
-        if p.is_symlink():
-            continue
-        if p.is_file() and _SAFETENSORS_TMP.match(p.name):
-            p.unlink(missing_ok=True)
-            n += 1
-        elif p.is_dir() and depth > 0:
-            n += remove_safetensors_temporaries(p, depth - 1)
-    return n
+    return _remove_files_named(Path(folder), _SAFETENSORS_TMP, depth)
 
 
 def recorded_digests(manifest: dict) -> dict[str, str]:

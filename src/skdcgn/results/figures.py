@@ -35,6 +35,14 @@ def save_fig(fig: Figure, out: Path) -> None:
     write_bytes(out, buf.getvalue())
 
 
+def _finish_scatter(fig: Figure, ax, out: Path) -> None:
+    """Grid, legend outside the axes, tight layout, saved atomically: the end of each scatter plot."""
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    save_fig(fig, out)
+
+
 def _log_ticks(axis: Axis, fmt=lambda v: f"{v:g}") -> None:
     """Readable ticks on a log-scaled axis: labels at 1, 2 and 5 per decade, written by `fmt`."""
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -287,10 +295,7 @@ def plot_cost_vs_accuracy(run_dir: Path, summary: dict, out: Path) -> bool:
     ax.set_ylabel("test accuracy (OOD), %")
     ax.set_title("Cost vs quality: generator size against the OOD accuracy\nof classifiers trained on its "
                  "counterfactuals (mean ± std over seeds)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    save_fig(fig, out)
+    _finish_scatter(fig, ax, out)
     return True
 
 
@@ -335,8 +340,5 @@ def plot_bench_cost_vs_fid(record: dict, out: Path) -> bool:
     ax.set_ylabel("FID (domain-network features), log scale")
     ax.set_title(f"Cost vs quality: {record.get('key', 'bench')}\n(lower left is better; the teacher's "
                  "point is the finite-sample floor)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    save_fig(fig, out)
+    _finish_scatter(fig, ax, out)
     return True
