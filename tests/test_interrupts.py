@@ -127,6 +127,8 @@ def _content(path: Path):
 
     if path.suffix == ".json":
         return _untimed(json.loads(path.read_text()))
+    if path.suffix == ".jsonl":
+        return [_untimed(json.loads(line)) for line in path.read_text().splitlines()]
     if path.suffix == ".csv":
         rows = list(csv.reader(io.StringIO(path.read_text())))
         keep = [i for i, name in enumerate(rows[0]) if not _timed(name)] if rows else []

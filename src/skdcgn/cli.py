@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Source-free knowledge distillation of counterfactual generative networks.")
     parser.add_argument("--version", action="version", version=f"skdcgn {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write every training log as TensorBoard event files, in a tensorboard/ folder "
+                             "beside it (needs pip install 'skdcgn[tensorboard]')")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"skdcgn.commands.{name}").register(sub)
@@ -156,7 +159,10 @@ def _close_progress_bars() -> None:
 
 
 def _run(args: argparse.Namespace, received: list[int]) -> int:
+    from .runlog import enable_tensorboard
+
     try:
+        enable_tensorboard(bool(getattr(args, "tensorboard", False)))
         result = args.func(args)
     except KeyboardInterrupt:
         return _interrupted(received)
@@ -167,6 +173,8 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
         msg = str(e) if isinstance(e, SkdcgnError) else f"{getattr(e, 'filename', '') or ''} {e.strerror or e}".strip()
         print(f"skdcgn: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        enable_tensorboard(False)
     return int(result or 0)
 
 

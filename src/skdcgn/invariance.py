@@ -30,9 +30,10 @@ from .checkpoint import checkpoint_stage, load_checkpoint, rng_state, save_check
 from .config import resolve_device
 from .images import to_float, validate_images
 from .errors import SkdcgnError
+from .runlog import MetricsLog
 from .hashing import derive_seed, sha256_of
 from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
-                 write_csv, write_manifest)
+                 write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
 
 logger = logging.getLogger(__name__)
@@ -142,9 +143,9 @@ def _drop_stale_monitoring(log: list[dict], saved: dict[str, str], current: dict
     return [{k: v for k, v in r.items() if k not in stale} for r in log]
 
 
-def _write_log(path: Path, log: list[dict]) -> None:
-    fields = (*LOG_FIELDS, *sorted({k for row in log for k in row} - set(LOG_FIELDS)))  # + monitored accuracies
-    write_csv(path, fields, ([row.get(k, "") for k in fields] for row in log), lineterminator="\n")
+def _write_log(metrics: MetricsLog, log: list[dict]) -> None:
+    """The per-epoch rows so far (LOG_FIELDS + monitored accuracies) through the one metrics writer."""
+    metrics.write(log)
 
 
 # ---- training and evaluation ------------------------------------------------------------------------
@@ -236,6 +237,7 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
                 epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
                 log = _drop_stale_monitoring(log, saved_ids, monitor_ids)
                 logger.info("resuming %s after epoch %d (step %d)", out, epoch, step)
+        metrics = MetricsLog(out / LOG, LOG_FIELDS, "epoch", resumed_at=epoch) if out is not None else None
         # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
         # comfortably: one copy instead of one per step
         on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
@@ -281,12 +283,13 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
                         row["seconds"])
             if out is not None:
                 _save_checkpoint(out / CHECKPOINT, model, opt, sched, epoch, step, log, device, stage, monitor_ids)
-                _write_log(out / LOG, log)
+                _write_log(metrics, log)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
     model.eval()
     if out is not None:
-        _write_log(out / LOG, log)  # again: a run killed between its last checkpoint and its log resumes here
+        _write_log(metrics, log)  # again: a run killed between its last checkpoint and its log resumes here
+        metrics.close()
         model.save_pretrained(out)
         write_manifest(out, stage, files=("config.json", "model.safetensors"), log=log, n_params=model.get_num_params(),
                        train_seconds=round(sum(r["seconds"] for r in log), 2),

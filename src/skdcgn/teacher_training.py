@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import copy
-import csv
 import dataclasses
 import math
 import os
@@ -61,7 +60,8 @@ from .config import config_from_dict, resolve_device, set_threads
 from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
-from .io import MANIFEST, atomic_path, check_finite, folder_lock, stage_complete, write_json, write_manifest
+from .runlog import MetricsLog
+from .io import MANIFEST, check_finite, folder_lock, stage_complete, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
@@ -345,18 +345,6 @@ def _write_grids(cgn: CGN, folder: Path, stem: str) -> None:
         save_png(stack_grids([cf, mech]), folder / f"{stem}.png")
 
 
-def _trim_csv(path: Path, last_step: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= last_step] if rows else []
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-
-
 def train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrainConfig | None = None,
                   progress: bool = True, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> CGN:
     """Train a CGN teacher on `variant`'s training split; returns it (eval mode).
@@ -451,11 +439,14 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
         if step > config.steps:
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={config.steps}; ask for more steps")
         (stage_dir / MANIFEST).unlink(missing_ok=True)
-        _trim_csv(csv_path, step)
         logger.info("resuming %s from step %d", stage_dir, step)
     else:
         (stage_dir / MANIFEST).unlink(missing_ok=True)
-        csv_path.unlink(missing_ok=True)  # losses of a run whose checkpoint is gone
+        for stale in (csv_path, csv_path.with_suffix(".jsonl")):  # losses of a run whose checkpoint is gone
+            stale.unlink(missing_ok=True)
+    losses = MetricsLog(csv_path, LOSS_COLUMNS, "step", resumed_at=step)
+    # rows logged after the checkpoint we resume from are written again
+    loss_rows = [r for r in losses.read() if isinstance(r.get("step"), int) and r["step"] <= step]
     write_json(train_dir / "config.json", {"variant": variant, **dataclasses.asdict(config)})
 
     def checkpoint() -> None:
@@ -465,11 +456,6 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": gen.get_state(),
         }, _stage_config(variant, config))
 
-    new_csv = not csv_path.exists()
-    csv_file = open(csv_path, "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(LOSS_COLUMNS)
     n, k = images.shape[0], cgn.n_classes
     resumed_at = step
     t0 = time.perf_counter()
@@ -513,8 +499,8 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
                        "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), "adv": l_adv.item(),
                        "binary": l_bin.item(), "mask_prior": l_prior.item(), "texture": l_tex.item(),
                        "mask_mean": mask.mean().item()}
-                writer.writerow([row[c] if isinstance(row[c], int) else f"{row[c]:.5g}" for c in LOSS_COLUMNS])
-                csv_file.flush()
+                loss_rows.append(row)
+                losses.write(loss_rows)  # rewritten atomically: a kill never leaves a torn line
                 bar.set_postfix(d=f"{row['loss_d']:.3f}", adv=f"{row['adv']:.3f}", tex=f"{row['texture']:.3f}",
                                 m=f"{row['mask_mean']:.2f}", refresh=False)
             bar.update(1)
@@ -526,7 +512,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
                 on_step(step)
     finally:
         bar.close()
-        csv_file.close()
+        losses.close()
     if step != resumed_at:  # (a run killed during the export resumes at the final step: its checkpoints stay as they are)
         checkpoint()  # the final state: a later run with more steps continues from here
     train_seconds = time.perf_counter() - t0

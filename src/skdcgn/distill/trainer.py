@@ -42,10 +42,11 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import config_from_dict, resolve_device, set_threads
 from ..errors import SkdcgnError
+from ..runlog import MetricsLog
 from ..hashing import derive_seed
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (MANIFEST, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
-                  remove_stale_temporaries, stage_complete, verify_manifest, write_csv, write_manifest)
+                  remove_stale_temporaries, stage_complete, verify_manifest, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
@@ -382,6 +383,7 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
                 else contextlib.nullcontext())
     fixed = torch.arange(min(16, len(transfer)))  # the same teacher samples in every grid
     data_seed = derive_seed(config.seed, MECHANISMS.index(mechanism), 2)
+    losses = MetricsLog(out_dir / "losses.csv", LOG_FIELDS, "step", resumed_at=step)
     bar = tqdm(total=n_steps, initial=step, desc=f"distill {mechanism}", disable=not progress, unit="step")
     t_start = time.perf_counter() - elapsed
     while step < n_steps:
@@ -431,17 +433,19 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
         if step % config.checkpoint_interval == 0 or step == n_steps:
             if env.is_main:
                 _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d, logs)
-                _write_log(out_dir / "losses.csv", rows)
+                _write_log(losses, rows)
             barrier(env)
         if stop_after is not None and step >= stop_after and step < n_steps:
             bar.close()
+            losses.close()
             return None
     bar.close()
+    losses.close()
     final = (ema or G).eval()
     broadcast_state(final, env)  # batch-norm statistics are per rank: every rank ends with rank 0's
     if env.is_main:
         final.save_pretrained(out_dir)
-        _write_log(out_dir / "losses.csv", rows)
+        _write_log(losses, rows)
         write_manifest(out_dir, stage, files=("config.json", "model.safetensors"), params=final.get_num_params(), steps=step,
                        train_seconds=round(time.perf_counter() - t_start, 2),
                        final_losses={k: v for k, v in logs.items()})
@@ -485,8 +489,9 @@ def _load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _write_log(path: Path, rows: list) -> None:
-    write_csv(path, LOG_FIELDS, ([int(r[0]), *(f"{v:.6g}" for v in r[1:])] for r in rows))
+def _write_log(losses: MetricsLog, rows: list) -> None:
+    """The losses so far (rows of LOG_FIELDS values) through the one metrics writer (CSV + JSONL)."""
+    losses.write([{"step": int(r[0]), **dict(zip(LOG_FIELDS[1:], r[1:]))} for r in rows])
 
 
 @torch.no_grad()
