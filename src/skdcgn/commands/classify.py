@@ -45,10 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..config import config_from_args
+    from ..config import config_from_args, write_dumped_config
     from ..invariance import load_training_data, train_classifier
 
     config = config_from_args(ClassifierConfig, args)
+    if write_dumped_config(args, config):
+        return 0
     images, labels = load_training_data([args.data, *args.mix])
     t0 = time.perf_counter()
     model = train_classifier(images, labels, config, args.out, overwrite=args.overwrite)

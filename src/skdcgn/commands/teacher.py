@@ -67,10 +67,12 @@ def convert_command(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """`skdcgn teacher train`: train a CGN teacher on a variant into RUN_DIR/teacher/."""
-    from ..config import config_from_args
+    from ..config import config_from_args, write_dumped_config
     from ..teacher_training import PRESETS, TeacherTrainConfig, train_teacher
 
     config = config_from_args(TeacherTrainConfig, args, base=PRESETS[args.preset])
+    if write_dumped_config(args, config):
+        return
     cgn = train_teacher(args.variant, args.run_dir, config, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(args.run_dir) / "teacher"
     print(f"wrote {out} ({cgn.get_num_params():,} parameters); grid: {out / 'grid.png'}")
