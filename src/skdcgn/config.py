@@ -279,16 +279,6 @@ def _field_help(f: dataclasses.Field, default: Any) -> str:
     return (text + f"default: {shown if shown != '' else 'none'}").replace("%", "%%")
 
 
-def write_dumped_config(args: argparse.Namespace, cfg: Any) -> bool:
-    """For commands built with `add_config_arguments`: with `--dump-config FILE`, write `cfg` there
-    (`dump_config`), say so and return True (the command then exits 0 without running)."""
-    path = getattr(args, "dump_config", None)
-    if not path:
-        return False
-    print(f"wrote {dump_config(cfg, path)}")
-    return True
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

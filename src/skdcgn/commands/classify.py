@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import write_dumped_config
 from ..config import add_config_arguments
 from ..invariance import ClassifierConfig
 
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..config import config_from_args, write_dumped_config
+    from ..config import config_from_args
     from ..invariance import load_training_data, train_classifier
 
     config = config_from_args(ClassifierConfig, args)

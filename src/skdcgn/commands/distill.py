@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import add_config_arguments, config_from_args, write_dumped_config
+from . import write_dumped_config
+from ..config import add_config_arguments, config_from_args
 from ..errors import SkdcgnError
 from ..models.cgn import MECHANISMS
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import add_config_arguments, config_from_args, load_yaml, write_dumped_config
+from . import write_dumped_config
+from ..config import add_config_arguments, config_from_args, load_yaml
 from ..pipeline import PRESETS, ROWS, VARIANTS, RunConfig, run
 from ..results.records import HYBRID_ROWS
 from ..results.render import format_table

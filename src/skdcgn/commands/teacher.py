@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import write_dumped_config
 from ..api import load_cgn
 from ..grids import counterfactual_grids, save_png
 
@@ -67,7 +68,7 @@ def convert_command(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """`skdcgn teacher train`: train a CGN teacher on a variant into RUN_DIR/teacher/."""
-    from ..config import config_from_args, write_dumped_config
+    from ..config import config_from_args
     from ..teacher_training import PRESETS, TeacherTrainConfig, train_teacher
 
     config = config_from_args(TeacherTrainConfig, args, base=PRESETS[args.preset])
