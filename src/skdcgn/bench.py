@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .config import resolve_device, set_threads
+from .config import config_from_dict, load_presets, preset_values, resolve_device, set_threads, setting
 from .errors import SkdcgnError
 from .io import read_json, write_json
 from .results.records import hardware_info
@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class BenchPreset:
-    """Sizes of one `skdcgn bench` preset ("quick" or "full" in `PRESETS`).
+    """Sizes of one `skdcgn bench` preset ("quick" or "full" in `PRESETS`, YAML files in
+    skdcgn/configs/bench/; `bench_preset(name)` validates one into this class). Every field is
+    required; ranges are its `setting` metadata.
 
     Fields:
         n_quality: images per set for FID/KID (balanced over classes).
@@ -53,22 +55,25 @@ class BenchPreset:
         repeats: timed repeats per function (the median is reported).
         min_seconds: each timed repeat lasts at least this long (seconds).
     """
-    n_quality: int            # images per set for FID/KID (balanced over classes)
-    kid_subsets: int
-    kid_subset_size: int
-    mask_per_class: int       # masks per class for mask health
-    batch_sizes: tuple[int, ...]
-    warmup: int
-    repeats: int
-    min_seconds: float        # each timed repeat lasts at least this long
+    n_quality: int = setting(lo=10, hi=10**7, unit="images", help="images per set for FID/KID (balanced over classes)")
+    kid_subsets: int = setting(lo=1, hi=10**5, unit="subsets", help="random subsets KID is averaged over")
+    kid_subset_size: int = setting(lo=1, hi=10**7, unit="images", help="images per KID subset and set")
+    mask_per_class: int = setting(lo=1, hi=10**6, unit="masks", help="masks per class for mask health")
+    batch_sizes: tuple[int, ...] = setting(lo=1, hi=65_536, unit="images", help="batch sizes measured for throughput")
+    warmup: int = setting(lo=0, hi=1000, unit="calls", help="untimed calls per function before timing")
+    repeats: int = setting(lo=1, hi=10_000, unit="repeats", help="timed repeats per function (the median is reported)")
+    min_seconds: float = setting(lo=0.0, hi=3600.0, unit="s", help="each timed repeat lasts at least this long")
 
 
-PRESETS = {
-    "quick": BenchPreset(n_quality=2000, kid_subsets=50, kid_subset_size=500, mask_per_class=100,
-                         batch_sizes=(1, 64, 256), warmup=2, repeats=5, min_seconds=0.05),
-    "full": BenchPreset(n_quality=10_000, kid_subsets=100, kid_subset_size=1000, mask_per_class=500,
-                        batch_sizes=(1, 64, 256, 1024), warmup=3, repeats=10, min_seconds=0.2),
-}
+# quick and full: skdcgn/configs/bench/<name>.yaml, field values of a BenchPreset
+PRESETS: dict[str, dict] = load_presets("bench", BenchPreset)
+
+
+def bench_preset(name: str) -> BenchPreset:
+    """The validated `BenchPreset` of preset `name`; raises `SkdcgnError` for an unknown name."""
+    return config_from_dict(BenchPreset, preset_values(PRESETS, name), f"preset {name}")
+
+
 DISTILL_PRESET = {"quick": "quick", "full": "default"}  # bench preset → skdcgn.distill preset
 TEACHER_VARIANT = {"colored": "colored", "double_colored": "double_colored", "wildlife": "wildlife"}
 
@@ -197,7 +202,7 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
         raise SkdcgnError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if teacher not in TEACHER_VARIANT:
         raise SkdcgnError(f"--teacher must be a shipped teacher ({', '.join(TEACHER_VARIANT)}), got {teacher!r}")
-    settings = PRESETS[preset]
+    settings = bench_preset(preset)
     dev = resolve_device(device)
     set_threads(threads, "--threads")
     t0 = time.time()

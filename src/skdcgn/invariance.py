@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import resolve_device
+from .config import identity, resolve_device, setting, validate_config
 from .images import to_float, validate_images
 from .errors import SkdcgnError
 from .runlog import MetricsLog
@@ -48,32 +48,25 @@ SPLITS = ("train", "test", "test_iid")
 @dataclasses.dataclass
 class ClassifierConfig:
     """Training of an invariant classifier, the CGN authors' MNIST protocol by default: Adadelta
-    (lr 1.0) with StepLR (×`gamma` per epoch), batch 64, 10 epochs. Ranges (`validate`): epochs
-    1–10,000, batch_size 1–10⁶, lr in (0, 100], gamma in (0, 1], max_examples ≥ 0 (images),
-    max_steps ≥ 0 (optimizer steps); 0 means no limit. Raises `SkdcgnError` naming the field."""
+    (lr 1.0) with StepLR (×`gamma` per epoch), batch 64, 10 epochs. Ranges (`setting` metadata,
+    checked by `validate`): epochs 1–10,000, batch_size 1–10⁶, lr in (0, 100], gamma in (0, 1],
+    max_examples ≥ 0 (images), max_steps ≥ 0 (optimizer steps); 0 means no limit. Raises
+    `SkdcgnError` naming the field. `device` is not part of the stage identity."""
 
-    arch: str = "cgn"  # cgn (the CGN authors' CNN) | mnist_example (the PyTorch MNIST example CNN)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1.0  # Adadelta
-    gamma: float = 0.7  # StepLR decay per epoch
-    seed: int = 0  # weights, data order, subset
-    device: str = "auto"
-    max_examples: int = 0  # train on a seeded random subset of this size (0: all)
-    max_steps: int = 0  # stop after this many optimizer steps in total (0: no cap)
+    arch: str = setting("cgn", choices=ARCHS,
+                        help="cgn (the CGN authors' CNN) | mnist_example (the PyTorch MNIST example CNN)")
+    epochs: int = setting(10, lo=1, hi=10_000, unit="epochs")
+    batch_size: int = setting(64, lo=1, hi=1_000_000, unit="images")
+    lr: float = setting(1.0, lo=0, hi=100, lo_open=True, help="Adadelta learning rate")
+    gamma: float = setting(0.7, lo=0, hi=1, lo_open=True, help="StepLR decay per epoch")
+    seed: int = setting(0, lo=0, hi=2**63 - 1, help="weights, data order, subset")
+    device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
+    max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="train on a seeded random subset of this size (0: all)")
+    max_steps: int = setting(0, lo=0, hi=10**12, unit="steps", help="stop after this many optimizer steps in total (0: no cap)")
 
     def validate(self) -> None:
-        """Check each field's range (see the class doc); raises `SkdcgnError`."""
-        if self.arch not in ARCHS:
-            raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
-        for name, lo, hi in (("epochs", 1, 10_000), ("batch_size", 1, 1_000_000), ("seed", 0, 2**63 - 1),
-                             ("max_examples", 0, 10**9), ("max_steps", 0, 10**12)):
-            if not lo <= getattr(self, name) <= hi:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [{lo}, {hi}]")
-        if not 0 < self.lr <= 100:
-            raise SkdcgnError(f"lr: {self.lr} is outside (0, 100]")
-        if not 0 < self.gamma <= 1:
-            raise SkdcgnError(f"gamma: {self.gamma} is outside (0, 1]")
+        """Check each field's range and choice (`validate_config`); raises `SkdcgnError`."""
+        validate_config(self)
 
 
 def _check_data(images: Tensor, labels: Tensor, n_classes: int = 10, check_range: bool = True) -> None:
@@ -196,8 +189,8 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
         _check_data(mx, my, n_classes=10**9)
     monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
     device = resolve_device(config.device)
-    stage = {"stage": "classifier", "train": dataclasses.asdict(config), "data": data_hash(images, labels), "n": len(labels)}
-    stage["train"].pop("device")  # where it ran does not change what it is
+    # device is identity=False: where it ran does not change what it is
+    stage = {"stage": "classifier", "train": identity(config), "data": data_hash(images, labels), "n": len(labels)}
     if out is not None and stage_complete(out, stage):
         from .models.pretrained import load_model
         return load_model(out).to(device)

@@ -26,16 +26,18 @@ from pathlib import Path
 import torch
 
 from .compose import COMPOSERS
-from .config import resolve_device, set_threads
+from .config import identity, load_presets, resolve_device, set_threads, setting, validate_config
 from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
 from .models.cgn import CGN
+from .models.classifier import ARCHS
 from .io import config_hash, folder_lock, read_json, stage_complete, write_json, write_manifest
 from .results.records import HYBRID_ROWS, ROWS, command_line, data_build, hardware_info, mean_std
 from .results.render import write_results
 from .results.report import write_run_report
 
 logger = logging.getLogger(__name__)
+STUDY_COMPOSERS = tuple(c for c in COMPOSERS if c != "standard")  # the composition study's variants
 
 
 @dataclasses.dataclass
@@ -43,69 +45,41 @@ class RunConfig:
     """What `skdcgn run` does per variant: the teacher (shipped or trained), the students (distilled
     with a distillation preset, or reused from an earlier run), the counterfactual sets (images per
     set, counterfactuals per mask) and the classifiers (rows, seeds, architecture, epochs, caps).
-    `validate()` checks names against VARIANTS, ROWS + HYBRID_ROWS, COMPOSERS and the classifier
-    architectures, and counts against their ranges; raises `SkdcgnError` naming the field."""
+    Each field's choices (VARIANTS, ROWS + HYBRID_ROWS, COMPOSERS, the classifier architectures)
+    or range is its `setting` metadata, checked by `validate()`, which raises `SkdcgnError` naming
+    the field. Presets: `PRESETS` (YAML files in skdcgn/configs/run/)."""
 
-    variants: tuple[str, ...] = ("double_colored",)
-    teacher: str = "shipped"  # shipped (the released teacher of each variant) | train (train one first)
-    teacher_preset: str = "quick"  # with teacher=train: a preset of teacher_training
-    distill_preset: str = "quick"  # a preset of distill.trainer
-    students: str = ""  # an earlier run folder whose <variant>/distill/students are reused instead of distilling
-    n_counterfactuals: int = 10_000  # images per counterfactual dataset
-    per_shape: int = 10  # counterfactuals per mask
-    seeds: int = 1  # classifiers per row (mean ± std over seeds)
-    classifier_arch: str = "cgn"  # cgn (the CGN authors' MNIST CNN) | mnist_example (learns in fewer steps)
-    classifier_epochs: int = 1
-    classifier_max_steps: int = 0  # 0: full epochs
-    classifier_max_examples: int = 0  # 0: all images of the dataset
-    composers: tuple[str, ...] = ()  # composition-study variants (besides standard)
-    rows: tuple[str, ...] = ROWS  # which table rows to train (a subset saves hours on a CPU)
-    eval_examples: int = 10_000  # images per split used for the accuracy table
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0: PyTorch's default (1 is steadier on a shared 2-core machine)
-    seed: int = 0
+    variants: tuple[str, ...] = setting(("double_colored",), choices=VARIANTS, help="MNIST variants to run")
+    teacher: str = setting("shipped", choices=("shipped", "train"),
+                           help="shipped (the released teacher of each variant) | train (train one first)")
+    teacher_preset: str = setting("quick", help="with teacher=train: a preset of teacher_training")
+    distill_preset: str = setting("quick", help="a preset of distill.trainer")
+    students: str = setting("", help="an earlier run folder whose <variant>/distill/students are reused instead of distilling")
+    n_counterfactuals: int = setting(10_000, lo=10, hi=10_000_000, unit="images", help="images per counterfactual dataset")
+    per_shape: int = setting(10, lo=1, hi=1000, unit="images", help="counterfactuals per mask")
+    seeds: int = setting(1, lo=1, hi=100, unit="classifiers", help="classifiers per row (mean ± std over seeds)")
+    classifier_arch: str = setting("cgn", choices=ARCHS,
+                                   help="cgn (the CGN authors' MNIST CNN) | mnist_example (learns in fewer steps)")
+    classifier_epochs: int = setting(1, lo=1, hi=1000, unit="epochs")
+    classifier_max_steps: int = setting(0, lo=0, hi=10**9, unit="steps", help="0: full epochs")
+    classifier_max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="0: all images of the dataset")
+    composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
+                                         help="composition-study variants (besides standard)")
+    rows: tuple[str, ...] = setting(ROWS, choices=ROWS + HYBRID_ROWS,
+                                    help="which table rows to train (a subset saves hours on a CPU)")
+    eval_examples: int = setting(10_000, lo=10, hi=10**6, unit="images", help="images per split used for the accuracy table")
+    device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
+    threads: int = setting(0, lo=0, hi=1024, identity=False, unit="threads",
+                           help="torch CPU threads; 0: PyTorch's default (1 is steadier on a shared 2-core machine)")
+    seed: int = setting(0, lo=0, hi=2**31)
 
     def validate(self) -> None:
-        """Check names and ranges (see the class doc); raises `SkdcgnError`."""
-        for v in self.variants:
-            if v not in VARIANTS:
-                raise SkdcgnError(f"variants: {v!r} is not one of {', '.join(VARIANTS)} (or 'all')")
-        from .models.classifier import ARCHS
-
-        if self.classifier_arch not in ARCHS:
-            raise SkdcgnError(f"classifier_arch: {self.classifier_arch!r} is not one of {', '.join(ARCHS)}")
-        if self.teacher not in ("shipped", "train"):
-            raise SkdcgnError(f"teacher: {self.teacher!r} is not one of shipped, train")
-        for r in self.rows:
-            if r not in ROWS + HYBRID_ROWS:
-                raise SkdcgnError(f"rows: {r!r} is not one of {', '.join(ROWS + HYBRID_ROWS)}")
-        for c in self.composers:
-            if c not in COMPOSERS or c == "standard":
-                raise SkdcgnError(f"composers: {c!r} is not one of {', '.join(COMPOSERS[1:])}")
-        for name, lo, hi in (("n_counterfactuals", 10, 10_000_000), ("per_shape", 1, 1000), ("seeds", 1, 100),
-                             ("classifier_epochs", 1, 1000), ("classifier_max_steps", 0, 10**9),
-                             ("classifier_max_examples", 0, 10**9), ("eval_examples", 10, 10**6), ("threads", 0, 1024),
-                             ("seed", 0, 2**31)):
-            if not lo <= getattr(self, name) <= hi:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [{lo}, {hi}]")
+        """Check names and ranges (`validate_config`); raises `SkdcgnError`."""
+        validate_config(self)
 
 
-PRESETS: dict[str, dict] = {
-    # the smoke run and the README's main command: one variant in a few minutes on 2 CPU cores
-    # (the CGN authors' classifier sits on a loss plateau for its first ~300 steps, so the quick
-    # preset uses the PyTorch MNIST-example CNN, which learns within its 300 steps)
-    "quick": {"distill_preset": "quick", "n_counterfactuals": 5_000, "classifier_arch": "mnist_example",
-              "classifier_epochs": 10, "classifier_max_steps": 300, "classifier_max_examples": 5_000,
-              "eval_examples": 5_000},
-    # the CGN paper's protocol: 100k counterfactuals (10 per shape), 10 epochs, 3 seeds, every
-    # variant and the composition study (hours on a CPU; a GPU recommended)
-    "full": {"variants": VARIANTS, "distill_preset": "default", "n_counterfactuals": 100_000, "seeds": 3,
-             "classifier_epochs": 10, "composers": tuple(c for c in COMPOSERS if c != "standard"),
-             "eval_examples": 10_000},
-    # unit tests: seconds
-    "tiny": {"distill_preset": "tiny", "n_counterfactuals": 200, "per_shape": 10, "classifier_epochs": 1,
-             "classifier_max_steps": 3, "classifier_max_examples": 200, "eval_examples": 100},
-}
+# quick (the smoke run), full (the CGN paper's protocol), tiny (unit tests): skdcgn/configs/run/
+PRESETS: dict[str, dict] = load_presets("run", RunConfig)
 
 
 def run(run_dir: str | Path, config: RunConfig, progress: bool = True, overwrite: bool = False) -> dict:
@@ -298,8 +272,8 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
 
     ccfg = ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
                             max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
-    eval_cfg = {"classifier": dataclasses.asdict(ccfg), "eval_examples": config.eval_examples, "tests": test_ids}
-    eval_cfg["classifier"].pop("device")
+    # the classifier's identity: its device is identity=False
+    eval_cfg = {"classifier": identity(ccfg), "eval_examples": config.eval_examples, "tests": test_ids}
     eval_dir = out / "eval"
     if stage_complete(eval_dir, eval_cfg):
         return read_json(eval_dir / "manifest.json")["accuracy"]

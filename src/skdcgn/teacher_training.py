@@ -56,7 +56,8 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compose import compose
-from .config import config_from_dict, resolve_device, set_threads
+from .config import (config_from_dict, identity, load_presets, preset_values, resolve_device, set_threads, setting,
+                     validate_config)
 from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
@@ -77,73 +78,59 @@ RESUMABLE_FIELDS = ("steps", "sample_every", "checkpoint_every", "log_every", "d
 @dataclasses.dataclass
 class TeacherTrainConfig:
     """Training of a CGN-MNIST teacher (the CGN authors' losses: LSGAN, binary mask entropy,
-    mask-size prior, texture term). Units beside each field; `*_every` fields count steps, 0
-    switches the action off. `validate()` checks integer ranges (steps 1–10⁸, batch 2–65,536),
-    float ranges (lr in [1e-8, 1], β in [0, 1), weights ≥ 0, mask bounds in [0, 1] with
-    mask_min < mask_max) and choices; raises `SkdcgnError` naming the field."""
+    mask-size prior, texture term). Each field's unit, range and help line are its `setting`
+    metadata (shown by `skdcgn teacher train --help`); `*_every` fields count steps, 0 switches the
+    action off. `validate()` checks the ranges (steps 1–10⁸, batch 2–65,536, lr in [1e-8, 1], β in
+    [0, 1), weights ≥ 0, mask bounds in [0, 1]), the choices and the cross-field rules (mask_min <
+    mask_max, a positive adversarial weight); raises `SkdcgnError` naming the field. `device` and
+    `threads` are not part of the stage identity (`_stage_config`)."""
 
-    steps: int = 1000  # generator (and discriminator) updates
-    batch_size: int = 16
-    lr: float = 2e-4  # Adam, generator and discriminator
-    beta1: float = 0.5
-    beta2: float = 0.999
-    adv_weight: float = 1.0  # λ_adv: LSGAN generator loss
-    binary_weight: float = 0.3  # λ_bin: binary entropy of the mask (CGN-MNIST: 0.3)
-    mask_prior_weight: float = 5.0  # λ_prior: hinge on each image's mean mask
-    mask_min: float = 0.1  # mask-size prior bounds (binarised MNIST digits cover 9-33% of 32×32)
-    mask_max: float = 0.35
-    texture_weight: float = 1.0  # λ_tex: per-class patch statistics of random conv features
-    disc: str = "auto"  # linear | conv | auto (conv for wildlife, linear otherwise, as in CGN)
-    ndf: int = 0  # discriminator width; 0: 512 (linear) or 32 (conv)
-    ngf: int = 32  # teacher width (32 = the released teachers' architecture)
-    init_gain: float = 0.2  # orthogonal init gain of the mechanisms (CGN-MNIST: 0.2)
-    seed: int = 0  # weights, data order, noise
-    data_seed: int = 0  # seed of the variant's build (colour jitter, texture crops)
-    sample_every: int = 250  # grid of samples every N steps (0: never)
-    checkpoint_every: int = 250  # resumable checkpoint every N steps (and always at the end)
-    log_every: int = 25  # a row of losses.csv every N steps
-    bn_recalibration_batches: int = 10  # batches of 256 for the final BatchNorm statistics
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads for this run; 0: leave PyTorch's default
+    steps: int = setting(1000, lo=1, hi=10**8, unit="steps", help="generator (and discriminator) updates")
+    batch_size: int = setting(16, lo=2, hi=65536, unit="images")
+    lr: float = setting(2e-4, lo=1e-8, hi=1.0, unit="per step", help="Adam, generator and discriminator")
+    beta1: float = setting(0.5, lo=0.0, hi=0.9999, help="Adam beta1")
+    beta2: float = setting(0.999, lo=0.0, hi=0.999999, help="Adam beta2")
+    adv_weight: float = setting(1.0, lo=0.0, hi=1e6, help="λ_adv: LSGAN generator loss")
+    binary_weight: float = setting(0.3, lo=0.0, hi=1e6, help="λ_bin: binary entropy of the mask (CGN-MNIST: 0.3)")
+    mask_prior_weight: float = setting(5.0, lo=0.0, hi=1e6, help="λ_prior: hinge on each image's mean mask")
+    mask_min: float = setting(0.1, lo=0.0, hi=1.0, unit="fraction of the image",
+                              help="mask-size prior lower bound (binarised MNIST digits cover 9-33% of 32×32)")
+    mask_max: float = setting(0.35, lo=0.0, hi=1.0, unit="fraction of the image", help="mask-size prior upper bound")
+    texture_weight: float = setting(1.0, lo=0.0, hi=1e6, help="λ_tex: per-class patch statistics of random conv features")
+    disc: str = setting("auto", choices=("auto", "linear", "conv"),
+                        help="discriminator (auto: conv for wildlife, linear otherwise, as in CGN)")
+    ndf: int = setting(0, lo=0, hi=4096, unit="channels", help="discriminator width; 0: 512 (linear) or 32 (conv)")
+    ngf: int = setting(32, lo=1, hi=1024, unit="channels", help="teacher width (32 = the released teachers' architecture)")
+    init_gain: float = setting(0.2, lo=1e-6, hi=10.0, help="orthogonal init gain of the mechanisms (CGN-MNIST: 0.2)")
+    seed: int = setting(0, lo=0, hi=2**62, help="weights, data order, noise")
+    data_seed: int = setting(0, lo=0, hi=2**62, help="seed of the variant's build (colour jitter, texture crops)")
+    sample_every: int = setting(250, lo=0, hi=10**8, unit="steps", help="grid of samples every N steps (0: never)")
+    checkpoint_every: int = setting(250, lo=0, hi=10**8, unit="steps",
+                                    help="resumable checkpoint every N steps (and always at the end)")
+    log_every: int = setting(25, lo=1, hi=10**8, unit="steps", help="a row of losses.csv every N steps")
+    bn_recalibration_batches: int = setting(10, lo=0, hi=10**6, unit="batches of 256",
+                                            help="batches for the final BatchNorm statistics")
+    device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
+    threads: int = setting(0, lo=0, hi=1024, identity=False, unit="threads",
+                           help="torch CPU threads for this run; 0: leave PyTorch's default")
 
     def validate(self) -> None:
-        """Check each field's type and range (see the class doc); raises `SkdcgnError`."""
-        ints = {"steps": (1, 10**8), "batch_size": (2, 65536), "ndf": (0, 4096), "ngf": (1, 1024),
-                "seed": (0, 2**62), "data_seed": (0, 2**62), "sample_every": (0, 10**8),
-                "checkpoint_every": (0, 10**8), "log_every": (1, 10**8), "bn_recalibration_batches": (0, 10**6), "threads": (0, 1024)}
-        for name, (lo, hi) in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise SkdcgnError(f"{name}: {v!r} is not an integer in [{lo}, {hi}]")
-        floats = {"lr": (1e-8, 1.0), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.999999), "adv_weight": (0.0, 1e6),
-                  "binary_weight": (0.0, 1e6), "mask_prior_weight": (0.0, 1e6), "texture_weight": (0.0, 1e6),
-                  "mask_min": (0.0, 1.0), "mask_max": (0.0, 1.0), "init_gain": (1e-6, 10.0)}
-        for name, (lo, hi) in floats.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise SkdcgnError(f"{name}: {v!r} is not a number in [{lo}, {hi}]")
+        """Check each field's range and choice (`validate_config`) and the cross-field rules;
+        raises `SkdcgnError`."""
+        validate_config(self)
         if self.mask_min >= self.mask_max:
             raise SkdcgnError(f"mask_min ({self.mask_min}) must be below mask_max ({self.mask_max})")
-        if self.disc not in ("auto", "linear", "conv"):
-            raise SkdcgnError(f"disc: {self.disc!r} is not one of auto, linear, conv")
         if self.adv_weight == 0:
             raise SkdcgnError("adv_weight: must be positive (the adversarial loss is what makes digits)")
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # A few minutes on a 2-core CPU: recognisable digits with class-tied colours (see docs).
-    # Batch 16 as in CGN: at a fixed CPU budget, more small steps beat fewer large ones.
-    "quick": {"steps": 1000, "batch_size": 16, "sample_every": 250, "checkpoint_every": 250},
-    # The CGN paper's MNIST setting: batch 16, 15 epochs of the 50k training images.
-    "full": {"steps": 46_875, "batch_size": 16, "sample_every": 4000, "checkpoint_every": 2000, "log_every": 100},
-}
+# quick (minutes on a 2-core CPU) and full (the CGN paper's MNIST setting): skdcgn/configs/teacher/
+PRESETS: dict[str, dict[str, Any]] = load_presets("teacher", TeacherTrainConfig)
 
 
 def preset_config(name: str = "quick", **overrides: Any) -> TeacherTrainConfig:
     """A preset's config with `overrides` applied (validated: bad values are a one-line error)."""
-    if name not in PRESETS:
-        raise SkdcgnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return config_from_dict(TeacherTrainConfig, {**PRESETS[name], **overrides}, f"preset {name}")
+    return config_from_dict(TeacherTrainConfig, {**preset_values(PRESETS, name), **overrides}, f"preset {name}")
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -326,10 +313,9 @@ def _check_resumable(saved: dict, current: dict, variant: str, saved_variant: st
 # ---- the loop -----------------------------------------------------------------------------------
 
 def _stage_config(variant: str, config: TeacherTrainConfig) -> dict:
-    cfg = dataclasses.asdict(config)
-    for k in ("device", "threads"):
-        cfg.pop(k)  # results do not depend on where they were computed (up to float noise)
-    return {"variant": variant, **cfg}
+    # device and threads are identity=False: results do not depend on where they were computed
+    # (up to float noise)
+    return {"variant": variant, **identity(config)}
 
 
 def _write_grids(cgn: CGN, folder: Path, stem: str) -> None:

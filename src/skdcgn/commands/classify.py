@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import write_dumped_config
 from ..config import add_config_arguments
 from ..invariance import ClassifierConfig
 
@@ -49,6 +50,8 @@ def _train(args: argparse.Namespace) -> int:
     from ..invariance import load_training_data, train_classifier
 
     config = config_from_args(ClassifierConfig, args)
+    if write_dumped_config(args, config):
+        return 0
     images, labels = load_training_data([args.data, *args.mix])
     t0 = time.perf_counter()
     model = train_classifier(images, labels, config, args.out, overwrite=args.overwrite)

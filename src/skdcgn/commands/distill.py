@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from . import write_dumped_config
 from ..config import add_config_arguments, config_from_args
 from ..errors import SkdcgnError
 from ..models.cgn import MECHANISMS
@@ -41,6 +42,8 @@ def distill_command(args: argparse.Namespace) -> None:
     from ..distill.trainer import PRESETS, DistillConfig, distill
 
     config = config_from_args(DistillConfig, args, base=PRESETS[args.preset])
+    if write_dumped_config(args, config):
+        return
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(config), indent=2))
         return

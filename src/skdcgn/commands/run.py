@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import write_dumped_config
 from ..config import add_config_arguments, config_from_args, load_yaml
 from ..pipeline import PRESETS, ROWS, VARIANTS, RunConfig, run
 from ..results.records import HYBRID_ROWS
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> None:
     """`skdcgn run`: run (or resume) every stage, optionally record the table, and print it."""
     config = run_config(args)
+    if write_dumped_config(args, config):
+        return
     run_dir = args.run_dir or f"runs/{args.preset}"
     rows = [r for r in ROWS + HYBRID_ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
     print(f"[skdcgn run] {', '.join(config.variants)}: rows {', '.join(rows) or '(none)'}; {config.seeds} seed(s) each "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import write_dumped_config
 from ..api import load_cgn
 from ..grids import counterfactual_grids, save_png
 
@@ -71,6 +72,8 @@ def train_command(args: argparse.Namespace) -> None:
     from ..teacher_training import PRESETS, TeacherTrainConfig, train_teacher
 
     config = config_from_args(TeacherTrainConfig, args, base=PRESETS[args.preset])
+    if write_dumped_config(args, config):
+        return
     cgn = train_teacher(args.variant, args.run_dir, config, progress=not args.no_progress, overwrite=args.overwrite)
     out = Path(args.run_dir) / "teacher"
     print(f"wrote {out} ({cgn.get_num_params():,} parameters); grid: {out / 'grid.png'}")

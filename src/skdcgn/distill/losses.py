@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 
 PIXEL_LOSSES = ("l1", "bce")
@@ -39,19 +40,14 @@ class LossWeights:
         mask_loss: pixel loss of the shape mechanism, "bce" or "l1" (textures always use L1).
     At least one weight must be positive.
     """
-    pixel: float = 1.0
-    adversarial: float = 0.01
-    feature_matching: float = 0.1
-    mask_loss: str = "bce"  # for the shape mechanism: bce | l1 (textures always use L1)
+    pixel: float = setting(1.0, lo=0.0, hi=1e4)
+    adversarial: float = setting(0.01, lo=0.0, hi=1e4)
+    feature_matching: float = setting(0.1, lo=0.0, hi=1e4)
+    mask_loss: str = setting("bce", choices=PIXEL_LOSSES, help="for the shape mechanism (textures always use L1)")
 
     def validate(self) -> None:
-        """Check the weights and `mask_loss`; raises `SkdcgnError` for a value out of range or all weights 0."""
-        for name in ("pixel", "adversarial", "feature_matching"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1e4:
-                raise SkdcgnError(f"{name}_weight: {v} is outside [0, 10000]")
-        if self.mask_loss not in PIXEL_LOSSES:
-            raise SkdcgnError(f"mask_loss: {self.mask_loss!r} is not one of {', '.join(PIXEL_LOSSES)}")
+        """Check the weights and `mask_loss` (`validate_config`); raises `SkdcgnError` for a value out of range or all weights 0."""
+        validate_config(self)
         if self.pixel == self.adversarial == self.feature_matching == 0:
             raise SkdcgnError("pixel_weight: all loss weights are 0; nothing to learn")
 

@@ -40,18 +40,19 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import config_from_dict, resolve_device, set_threads
+from ..config import (config_from_dict, identity, load_presets, preset_values, resolve_device, set_threads, setting,
+                      validate_config)
 from ..errors import SkdcgnError
 from ..runlog import MetricsLog
 from ..hashing import derive_seed
 from ..grids import image_grid, save_png, stack_grids
-from ..io import (MANIFEST, config_hash, finite_float, folder_lock, read_json, refuse_other_settings,
+from ..io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings,
                   remove_stale_temporaries, stage_complete, verify_manifest, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
-from .losses import DistillLoss, LossWeights
+from .losses import PIXEL_LOSSES, DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import evaluate_distillation
 from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, query_teacher, transfer_config
@@ -64,77 +65,78 @@ LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fak
 @dataclasses.dataclass
 class DistillConfig:
     """Settings of a distillation (TinyGAN-style, Chang & Lu, ACCV 2020): transfer set, student and
-    discriminator sizes, Adam optimisation, loss weights, bookkeeping. Units are given beside each
-    field: counts of samples or steps, channels, learning rates per step; `*_interval` fields count
-    steps. `validate()` checks every range (counts ≥ 1 up to 10⁷, rates and betas in [0, 1], β₂ and
-    EMA decay < 1) and raises `SkdcgnError` naming the field. Presets: `PRESETS` / `preset`.
+    discriminator sizes, Adam optimisation, loss weights, bookkeeping. Each field's unit, range and
+    help line are its `setting` metadata (shown by `skdcgn distill --help`): counts of samples or
+    steps, channels, learning rates per step; `*_interval` fields count steps. `validate()` checks
+    every range (counts ≥ 1 up to 10⁷, rates and betas in [0, 1], β₂ and EMA decay < 1) and the
+    cross-field rules, and raises `SkdcgnError` naming the field. Presets: `PRESETS` / `preset`
+    (YAML files in skdcgn/configs/distill/).
+
+    Stage identity (`config_record`): `device` and `threads` are hashed at their defaults (where a
+    student was trained is not what it is: students made with `--threads 1` or `--device cpu` are
+    reused by a run without them, and manifests written with the defaults keep their hash); the
+    ImageNet-track fields only when they differ from their defaults, so CGN-MNIST runs made before
+    they existed are still recognised.
     """
 
     # transfer set
-    n_transfer: int = 20_000  # teacher queries per mechanism
-    shard_size: int = 5_000
-    u_dtype: str = "float32"  # how u is stored: float32 | float16
+    n_transfer: int = setting(20_000, lo=1, hi=10_000_000, unit="samples", help="teacher queries per mechanism")
+    shard_size: int = setting(5_000, lo=1, hi=10_000_000, unit="samples", help="samples per transfer-set shard")
+    u_dtype: str = setting("float32", choices=("float32", "float16"), help="how the noise u is stored")
     # student and discriminator
-    student_widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8, 16 px
-    student_extra_blocks: int = 1
-    student_embed_dim: int = 16
-    disc_widths: tuple[int, ...] = (8, 16, 32)
+    student_widths: tuple[int, ...] = setting((16, 48, 32), unit="channels", help="student channels at 4, 8, 16 px")
+    student_extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="extra residual blocks of the student")
+    student_embed_dim: int = setting(16, lo=1, hi=4096, unit="dims", help="class embedding size of the student")
+    disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
     # optimisation (TinyGAN: Adam, betas (0, 0.9))
-    steps: int = 3_000  # training steps of the shape student
-    texture_steps: int = 1_500  # of each texture student (their mapping is simpler); 0: same as steps
-    batch_size: int = 64
-    lr_g: float = 2e-3
-    lr_d: float = 4e-4
-    beta1: float = 0.0
-    beta2: float = 0.9
-    cosine_decay: bool = True  # learning rates decay to 0 along a cosine
-    ema_decay: float = 0.0  # 0 = no EMA copy of the student
+    steps: int = setting(3_000, lo=1, hi=10_000_000, unit="steps", help="training steps of the shape student")
+    texture_steps: int = setting(1_500, lo=0, hi=10_000_000, unit="steps",
+                                 help="training steps of each texture student (their mapping is simpler); 0: same as steps")
+    batch_size: int = setting(64, lo=1, hi=65_536, unit="samples")
+    lr_g: float = setting(2e-3, lo=0.0, hi=1.0, unit="per step", help="student (generator) learning rate")
+    lr_d: float = setting(4e-4, lo=0.0, hi=1.0, unit="per step", help="discriminator learning rate")
+    beta1: float = setting(0.0, lo=0.0, hi=1.0, help="Adam beta1")
+    beta2: float = setting(0.9, lo=0.0, hi=1.0, hi_open=True, help="Adam beta2")
+    cosine_decay: bool = setting(True, help="learning rates decay to 0 along a cosine")
+    ema_decay: float = setting(0.0, lo=0.0, hi=1.0, hi_open=True, help="EMA copy of the student; 0: none")
     # loss weights (0 switches a term off; see losses.py)
-    pixel_weight: float = 1.0
-    adversarial_weight: float = 0.01
-    feature_matching_weight: float = 0.1
-    mask_loss: str = "bce"  # bce | l1
-    adv_start: float = 0.75  # fraction of the steps trained on the pixel loss alone before D joins (0: from the start)
+    pixel_weight: float = setting(1.0, lo=0.0, hi=1e4, help="weight of the pixel loss")
+    adversarial_weight: float = setting(0.01, lo=0.0, hi=1e4, help="weight of the adversarial loss")
+    feature_matching_weight: float = setting(0.1, lo=0.0, hi=1e4, help="weight of the feature-matching loss")
+    mask_loss: str = setting("bce", choices=PIXEL_LOSSES, help="pixel loss of the shape student")
+    adv_start: float = setting(0.75, lo=0.0, hi=1.0, unit="fraction of steps",
+                               help="steps trained on the pixel loss alone before D joins (0: from the start)")
     # bookkeeping
-    seed: int = 0
-    eval_seed: int = 1_000_003  # held-out (u, y) for evaluation, never in a transfer set
-    n_eval: int = 2_000
-    log_interval: int = 50
-    sample_interval: int = 500
-    checkpoint_interval: int = 200
-    benchmark: bool = True  # measure composites/s of teacher and students after distilling
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    threads: int = 0  # CPU threads for torch (0: leave torch's setting); 1 is fastest on a crowded machine
-    bf16: bool = False  # bf16 autocast (CUDA only)
+    seed: int = setting(0, lo=0, hi=2**62)
+    eval_seed: int = setting(1_000_003, lo=0, hi=2**62, help="held-out (u, y) for evaluation, never in a transfer set")
+    n_eval: int = setting(2_000, lo=1, hi=1_000_000, unit="samples", help="held-out samples for evaluation")
+    log_interval: int = setting(50, lo=1, hi=10_000_000, unit="steps")
+    sample_interval: int = setting(500, lo=1, hi=10_000_000, unit="steps")
+    checkpoint_interval: int = setting(200, lo=1, hi=10_000_000, unit="steps")
+    benchmark: bool = setting(True, help="measure composites/s of teacher and students after distilling")
+    device: str = setting("auto", identity="default", help="auto | cpu | cuda[:N]")
+    threads: int = setting(0, lo=0, hi=1024, identity="default", unit="threads",
+                           help="CPU threads for torch (0: leave torch's setting); 1 is fastest on a crowded machine")
+    bf16: bool = setting(False, help="bf16 autocast (CUDA only)")
     # ImageNet track (defaults: the CGN-MNIST behaviour; left out of stage hashes while at their defaults)
-    student_image_size: int = 32  # student output side: 32, 128 or 256 (must match the teacher's)
-    shifted_texture: bool = True  # texture students shifted at composition (CGN-MNIST); false for ImageNet
-    online: bool = False  # query the teacher during training instead of storing a transfer set
-    query_batch_size: int = 1000  # teacher batch when writing a transfer set
-    shard_format: str = "safetensors"  # safetensors | tar (WebDataset-style PNG shards, for large sets)
-    stream_window: int = 0  # 0: the transfer set in memory; k: stream it, k shards shuffled at a time
+    student_image_size: int = setting(32, identity="changed", unit="px",
+                                      help="student output side: 32, 128 or 256 (must match the teacher's)")
+    shifted_texture: bool = setting(True, identity="changed",
+                                    help="texture students shifted at composition (CGN-MNIST); false for ImageNet")
+    online: bool = setting(False, identity="changed",
+                           help="query the teacher during training instead of storing a transfer set")
+    query_batch_size: int = setting(1000, lo=1, hi=65_536, identity="changed", unit="samples",
+                                    help="teacher batch when writing a transfer set")
+    shard_format: str = setting("safetensors", choices=SHARD_FORMATS, identity="changed",
+                                help="tar: WebDataset-style PNG shards, for large sets")
+    stream_window: int = setting(0, lo=0, hi=100_000, identity="changed", unit="shards",
+                                 help="0: the transfer set in memory; k: stream it, k shards shuffled at a time")
 
     def validate(self) -> None:
-        """Check every field's range and choice (see the class doc); raises `SkdcgnError`."""
-        for name, lo, hi in (("n_transfer", 1, 10_000_000), ("shard_size", 1, 10_000_000), ("steps", 1, 10_000_000),
-                             ("batch_size", 1, 65_536), ("n_eval", 1, 1_000_000), ("log_interval", 1, 10_000_000),
-                             ("sample_interval", 1, 10_000_000), ("checkpoint_interval", 1, 10_000_000),
-                             ("student_extra_blocks", 0, 16), ("threads", 0, 1024), ("texture_steps", 0, 10_000_000), ("student_embed_dim", 1, 4096), ("seed", 0, 2**62),
-                             ("eval_seed", 0, 2**62), ("query_batch_size", 1, 65_536),
-                             ("stream_window", 0, 100_000)):
-            v = getattr(self, name)
-            if not lo <= v <= hi:
-                raise SkdcgnError(f"{name}: {v} is outside [{lo}, {hi}]")
-        for name in ("lr_g", "lr_d"):
-            finite_float(name, getattr(self, name), 0.0, 1.0)
-        for name in ("beta1", "beta2", "ema_decay", "adv_start"):
-            v = finite_float(name, getattr(self, name), 0.0, 1.0)
-            if name in ("beta2", "ema_decay") and v >= 1.0:
-                raise SkdcgnError(f"{name}: {v} must be below 1")
-        if self.shard_format not in SHARD_FORMATS:
-            raise SkdcgnError(f"shard_format: {self.shard_format!r} is not one of {', '.join(SHARD_FORMATS)}")
-        if self.u_dtype not in ("float32", "float16"):
-            raise SkdcgnError(f"u_dtype: {self.u_dtype!r} is not one of float32, float16")
+        """Check every field's range and choice (`validate_config`) and the cross-field rules (a
+        batch no larger than a stored transfer set, bf16 only on CUDA, the student and
+        discriminator it describes); raises `SkdcgnError`."""
+        validate_config(self)
         if self.batch_size > self.n_transfer and not self.online:
             raise SkdcgnError(f"batch_size: {self.batch_size} is larger than n_transfer ({self.n_transfer})")
         self.loss_weights().validate()
@@ -163,62 +165,22 @@ class DistillConfig:
         return cfg
 
 
-# what the 128- and 256-px ImageNet presets share: tar shards streamed 4 at a time, long training
-_IMAGENET: dict = {"student_embed_dim": 128, "student_extra_blocks": 0, "shifted_texture": False,
-                   "disc_widths": (16, 32, 64, 128, 256), "n_transfer": 1_000_000, "shard_format": "tar",
-                   "stream_window": 4, "steps": 200_000, "texture_steps": 0, "batch_size": 256, "lr_g": 2e-4,
-                   "lr_d": 2e-4, "ema_decay": 0.999, "n_eval": 1_000, "log_interval": 100, "sample_interval": 2_000,
-                   "checkpoint_interval": 1_000, "benchmark": False}
-
-PRESETS: dict[str, dict] = {
-    # the smoke run: all three mechanisms in about 2 minutes on 2 CPU cores
-    "quick": {"n_transfer": 6_000, "shard_size": 3_000, "steps": 500, "texture_steps": 250, "n_eval": 500,
-              "sample_interval": 100, "checkpoint_interval": 100, "log_interval": 25},
-    # all three mechanisms of one variant in under 10 minutes on 2 CPU cores
-    "default": {},
-    # unit tests: seconds
-    "tiny": {"n_transfer": 256, "shard_size": 64, "steps": 6, "texture_steps": 0, "batch_size": 16, "n_eval": 32,
-             "student_widths": (8, 8, 8), "student_extra_blocks": 0, "disc_widths": (8, 8),
-             "log_interval": 2, "sample_interval": 3, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.3},
-    # ImageNet (CGN-ImageNet teacher, 1000 classes): TinyGAN-style students, ≤ 1/15 of a BigGAN-deep-256
-    # each; meant for GPUs under torchrun (batch_size is global), with bf16
-    "imagenet-256": {**_IMAGENET, "student_image_size": 256, "student_widths": (256, 192, 128, 64, 32, 16),
-                     "shard_size": 5_000, "query_batch_size": 50},
-    "imagenet-128": {**_IMAGENET, "student_image_size": 128, "student_widths": (256, 192, 128, 64, 32),
-                     "shard_size": 10_000, "query_batch_size": 100},
-    # unit tests of the ImageNet path (a tiny 32-px BigGAN teacher, 1000 classes)
-    "imagenet-tiny": {"n_transfer": 64, "shard_size": 16, "steps": 4, "texture_steps": 0, "batch_size": 8, "n_eval": 8,
-                      "student_widths": (8, 8, 8), "student_extra_blocks": 0, "student_embed_dim": 8,
-                      "disc_widths": (8, 8), "shifted_texture": False, "query_batch_size": 16, "log_interval": 1,
-                      "sample_interval": 2, "checkpoint_interval": 2, "benchmark": False, "adv_start": 0.5},
-}
-IMAGENET_FIELDS = {"student_image_size": 32, "shifted_texture": True, "online": False, "query_batch_size": 1000,
-                   "shard_format": "safetensors", "stream_window": 0}
-
-
-# Where a student was trained is not what it is: these are hashed at their defaults, so students made
-# with `--threads 1` or `--device cpu` are reused by a run without them (and manifests written with
-# the defaults keep their hash).
-PLACEMENT_FIELDS = {"device": "auto", "threads": 0}
+# quick (the smoke run), default, tiny (unit tests), imagenet-256/-128 (GPUs under torchrun), imagenet-tiny:
+# one YAML file each in skdcgn/configs/distill/, with what it is for
+PRESETS: dict[str, dict] = load_presets("distill", DistillConfig)
 
 
 def config_record(config: DistillConfig) -> dict:
-    """The config as hashed into stage manifests: the ImageNet-track fields only when they differ
-    from their defaults, so CGN-MNIST runs made before they existed are still recognised, and the
-    placement fields at their defaults."""
-    record = {**dataclasses.asdict(config), **PLACEMENT_FIELDS}
-    for k, default in IMAGENET_FIELDS.items():
-        if record[k] == default:
-            del record[k]
-    return record
+    """The config as hashed into stage manifests (`config.identity`): the ImageNet-track fields
+    only when they differ from their defaults, so CGN-MNIST runs made before they existed are still
+    recognised, and the placement fields (device, threads) at their defaults."""
+    return identity(config)
 
 
 def preset(name: str, **overrides) -> DistillConfig:
     """The validated `DistillConfig` of preset `name` (`PRESETS`) with `overrides`; raises
     `SkdcgnError` for an unknown preset or a bad value."""
-    if name not in PRESETS:
-        raise SkdcgnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return config_from_dict(DistillConfig, {**PRESETS[name], **overrides}, f"preset {name}")
+    return config_from_dict(DistillConfig, {**preset_values(PRESETS, name), **overrides}, f"preset {name}")
 
 
 # ---- the pipeline -------------------------------------------------------------------------------

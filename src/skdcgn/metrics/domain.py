@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import set_threads
+from ..config import set_threads, setting, validate_config
 from ..errors import SkdcgnError
 from ..images import check_images
 from ..io import sha256_file, verify_sha256, write_json
@@ -117,7 +117,8 @@ def load_domain_extractor(device: torch.device | str = "cpu") -> DomainExtractor
 
 @dataclasses.dataclass
 class DomainTrainConfig:
-    """Settings of `train_domain_net` (defaults: the recipe of the shipped weights; no `validate`).
+    """Settings of `train_domain_net` (defaults: the recipe of the shipped weights). Ranges are
+    each field's `setting` metadata, checked by `validate()` (`SkdcgnError` naming the field).
 
     Fields:
         seed: seed of the torch RNG and of every draw of images, shuffles and appearances.
@@ -133,17 +134,22 @@ class DomainTrainConfig:
         width: `DomainNetConfig.width`.
         threads: torch CPU threads during training.
     """
-    seed: int = 0
-    epochs: int = 6
-    batch_size: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    n_per_variant: int = 12_000  # × 3 variant images per epoch, drawn anew from the pooled train splits
-    n_shape: int = 36_000        # label-untied shape images per epoch
-    white_on_black: float = 0.2  # fraction of shape images rendered as masks are
-    black_background: float = 0.2  # fraction with a black background (as colored)
-    width: int = 16
-    threads: int = 1  # one thread: on a shared 2-core machine, two stall each other
+    seed: int = setting(0, lo=0, hi=2**62)
+    epochs: int = setting(6, lo=1, hi=10_000, unit="epochs")
+    batch_size: int = setting(256, lo=1, hi=65_536, unit="images")
+    lr: float = setting(3e-3, lo=0.0, hi=1.0, lo_open=True, help="peak learning rate (one-cycle AdamW)")
+    weight_decay: float = setting(1e-4, lo=0.0, hi=1.0, help="AdamW weight decay")
+    n_per_variant: int = setting(12_000, lo=1, hi=10**7, unit="images",
+                                 help="× 3 variant images per epoch, drawn anew from the pooled train splits")
+    n_shape: int = setting(36_000, lo=0, hi=10**7, unit="images", help="label-untied shape images per epoch")
+    white_on_black: float = setting(0.2, lo=0.0, hi=1.0, unit="fraction", help="shape images rendered as masks are")
+    black_background: float = setting(0.2, lo=0.0, hi=1.0, unit="fraction", help="with a black background (as colored)")
+    width: int = setting(16, lo=1, hi=1024, unit="channels")
+    threads: int = setting(1, lo=0, hi=1024, unit="threads", help="one thread: on a shared 2-core machine, two stall each other")
+
+    def validate(self) -> None:
+        """Check each field's range (`validate_config`); raises `SkdcgnError`."""
+        validate_config(self)
 
 
 def load_textures() -> Tensor:
@@ -213,6 +219,7 @@ def train_domain_net(cfg: DomainTrainConfig, out: str | Path) -> dict:
     """Train the domain network as documented above; save it to `out`; return the record."""
     from ..data import load_variant_uint8
 
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     set_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)

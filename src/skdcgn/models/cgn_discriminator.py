@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 from .pretrained import PretrainedModel, register
 
@@ -34,22 +35,16 @@ class DiscriminatorConfig:
         image_size: image side in pixels, in [1, 4096]; must be 32 for "conv".
         channels: image channels, in [1, 4096].
     """
-    kind: str = "linear"  # linear | conv
-    n_classes: int = 10
-    ndf: int = 512  # hidden width (linear) or base channels (conv)
-    dropout: float = 0.4  # linear only
-    image_size: int = 32
-    channels: int = 3
+    kind: str = setting("linear", choices=KINDS)
+    n_classes: int = setting(10, lo=1, hi=4096, unit="classes")
+    ndf: int = setting(512, lo=1, hi=4096, unit="channels", help="hidden width (linear) or base channels (conv)")
+    dropout: float = setting(0.4, lo=0, hi=1, hi_open=True, help="linear only")
+    image_size: int = setting(32, lo=1, hi=4096, unit="px")
+    channels: int = setting(3, lo=1, hi=4096, unit="channels")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        if self.kind not in KINDS:
-            raise SkdcgnError(f"kind: {self.kind!r} is not one of {', '.join(KINDS)}")
-        for name in ("n_classes", "ndf", "image_size", "channels"):
-            if not 1 <= getattr(self, name) <= 4096:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SkdcgnError(f"dropout: {self.dropout} is outside [0, 1)")
+        validate_config(self)
         if self.kind == "conv" and self.image_size != 32:
             raise SkdcgnError(f"image_size: the conv discriminator expects 32 px images, got {self.image_size}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 from ..io import check_state_dict, load_torch_state_dict, verify_sha256
 from .cgn import CGN
@@ -39,20 +40,16 @@ class TeacherConfig:
         init_size: side in pixels of the first feature map, in [1, 4096]; the output is 4 · init_size px.
         shifted_texture: textures get a seeded random circular shift at composition.
     """
-    mechanism: str = "shape"  # shape | foreground | background
-    n_classes: int = 10
-    latent_dim: int = 32
-    ngf: int = 32
-    init_size: int = 8  # 8 → 16 → 32 px
+    mechanism: str = setting("shape", choices=tuple(ORIGINAL_PREFIX))
+    n_classes: int = setting(10, lo=1, hi=4096, unit="classes")
+    latent_dim: int = setting(32, lo=1, hi=4096, unit="dims")
+    ngf: int = setting(32, lo=1, hi=4096, unit="channels")
+    init_size: int = setting(8, lo=1, hi=4096, unit="px", help="8 → 16 → 32 px")
     shifted_texture: bool = False  # textures: random circular shift at composition
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        if self.mechanism not in ORIGINAL_PREFIX:
-            raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(ORIGINAL_PREFIX)}")
-        for name in ("n_classes", "latent_dim", "ngf", "init_size"):
-            if not 1 <= getattr(self, name) <= 4096:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
+        validate_config(self)
 
 
 def _up_conv(cin: int, cout: int) -> list[nn.Module]:

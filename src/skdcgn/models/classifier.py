@@ -16,6 +16,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 from .pretrained import PretrainedModel, register
 
@@ -32,21 +33,14 @@ class ClassifierNetConfig:
         in_channels: image channels, in [1, 16].
         image_size: image side in pixels, in [25, 64].
     """
-    arch: str = "cgn"  # cgn | mnist_example
-    n_classes: int = 10
-    in_channels: int = 3
-    image_size: int = 32
+    arch: str = setting("cgn", choices=ARCHS)
+    n_classes: int = setting(10, lo=2, hi=10_000, unit="classes")
+    in_channels: int = setting(3, lo=1, hi=16, unit="channels")
+    image_size: int = setting(32, lo=25, hi=64, unit="px", help="the cgn net's 7 × 7 pool needs a ≥ 7 × 7 map")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        if self.arch not in ARCHS:
-            raise SkdcgnError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
-        if not 2 <= self.n_classes <= 10_000:
-            raise SkdcgnError(f"n_classes: {self.n_classes} is outside [2, 10000]")
-        if not 1 <= self.in_channels <= 16:
-            raise SkdcgnError(f"in_channels: {self.in_channels} is outside [1, 16]")
-        if not 25 <= self.image_size <= 64:  # the cgn net's 7 × 7 pool needs a ≥ 7 × 7 map
-            raise SkdcgnError(f"image_size: {self.image_size} is outside [25, 64]")
+        validate_config(self)
 
 
 def _cgn_feature_size(s: int) -> int:

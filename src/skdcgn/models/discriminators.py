@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 from .pretrained import PretrainedModel, register
 
@@ -29,15 +30,13 @@ class DiscriminatorConfig:
         n_classes: number of classes, in [1, 4096].
         widths: channels after each `DBlock` (each halves the side): 1 to 5 values in [1, 1024].
     """
-    in_channels: int = 1  # 1 for masks, 3 for textures
-    n_classes: int = 10
+    in_channels: int = setting(1, lo=1, hi=4096, unit="channels", help="1 for masks, 3 for textures")
+    n_classes: int = setting(10, lo=1, hi=4096, unit="classes")
     widths: tuple[int, ...] = (16, 32, 64)  # channels after each block (16, 8, 4 px)
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        for name in ("in_channels", "n_classes"):
-            if not 1 <= getattr(self, name) <= 4096:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
+        validate_config(self)
         if not 1 <= len(self.widths) <= 5 or not all(isinstance(w, int) and 1 <= w <= 1024 for w in self.widths):
             raise SkdcgnError(f"widths: expected 1 to 5 channel counts in [1, 1024], got {list(self.widths)}")
 

@@ -13,7 +13,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from ..errors import SkdcgnError
+from ..config import setting, validate_config
 from .pretrained import PretrainedModel, register
 
 
@@ -26,15 +26,13 @@ class DomainNetConfig:
         n_texture_classes: texture classes (3 variants × 10 class-tied colour/texture sets), in [1, 1024].
         width: channels of the first stage (then 2×, 4×, 4×), in [1, 1024].
     """
-    n_classes: int = 10
-    n_texture_classes: int = 30  # 3 variants × 10 class-tied colour/texture sets
-    width: int = 16              # channels of the first stage; then 2×, 4×, 4×
+    n_classes: int = setting(10, lo=1, hi=1024, unit="classes")
+    n_texture_classes: int = setting(30, lo=1, hi=1024, unit="classes", help="3 variants × 10 class-tied colour/texture sets")
+    width: int = setting(16, lo=1, hi=1024, unit="channels", help="channels of the first stage; then 2×, 4×, 4×")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        for name in ("n_classes", "n_texture_classes", "width"):
-            if not 1 <= getattr(self, name) <= 1024:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 1024]")
+        validate_config(self)
 
     @property
     def feature_dim(self) -> int:

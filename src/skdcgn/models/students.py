@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import setting, validate_config
 from ..errors import SkdcgnError
 from .pretrained import PretrainedModel, register
 
@@ -53,30 +54,22 @@ class StudentConfig:
             false for the shape mechanism.
         image_size: output side in pixels, one of `SIZES` (32 for MNIST, 128 or 256 for ImageNet).
     """
-    mechanism: str = "shape"  # shape | foreground | background
-    n_classes: int = 10
-    latent_dim: int = 32
-    embed_dim: int = 16  # class embedding size, fed (with u) to every conditional BN
-    widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8, 16, ... px up to image_size / 2
-    extra_blocks: int = 1  # residual blocks at image_size / 2 after the up-sampling ones
+    mechanism: str = setting("shape", choices=MECHANISMS)
+    n_classes: int = setting(10, lo=1, hi=4096, unit="classes")
+    latent_dim: int = setting(32, lo=1, hi=4096, unit="dims")
+    embed_dim: int = setting(16, lo=1, hi=4096, unit="dims", help="class embedding fed (with u) to every conditional BN")
+    widths: tuple[int, ...] = (16, 48, 32)  # channels at 4, 8, 16, ... px up to image_size / 2 (checked in validate)
+    extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="residual blocks at image_size / 2 after the up-sampling ones")
     shifted_texture: bool = False  # textures: seeded circular shift at composition (like the teacher)
-    image_size: int = 32  # output side: 32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2
+    image_size: int = setting(32, choices=SIZES, unit="px", help="32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
-        if self.mechanism not in MECHANISMS:
-            raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(MECHANISMS)}")
-        for name in ("n_classes", "latent_dim", "embed_dim"):
-            if not 1 <= getattr(self, name) <= 4096:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 4096]")
-        if self.image_size not in SIZES:
-            raise SkdcgnError(f"image_size: {self.image_size} is not one of {', '.join(map(str, SIZES))}")
+        validate_config(self)
         k = self.n_resolutions
         if len(self.widths) != k or not all(isinstance(w, int) and 1 <= w <= 1024 for w in self.widths):
             px = ", ".join(str(4 * 2 ** i) for i in range(k))
             raise SkdcgnError(f"widths: expected {k} channel counts in [1, 1024] (for {px} px), got {list(self.widths)}")
-        if not 0 <= self.extra_blocks <= 16:
-            raise SkdcgnError(f"extra_blocks: {self.extra_blocks} is outside [0, 16]")
         if self.shifted_texture and self.mechanism == "shape":
             raise SkdcgnError("shifted_texture: must be false for the shape mechanism "
                               "(textures may be shifted at composition, masks are not)")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import setting, validate_config
 from ...errors import SkdcgnError
 from ...io import check_state_dict, load_torch_state_dict, read_json
 from ..cgn import CGN, MECHANISMS
@@ -79,19 +80,20 @@ class ImageNetMechanismConfig:
         u2net_encoder, u2net_decoder: (mid, out) channel pairs of the U2-Net (shape only; see `U2NetConfig`).
         shifted_texture: must be false (CGN-ImageNet textures are not shifted).
     """
-    mechanism: str = "foreground"  # shape | foreground | background
-    truncation: float = 0.5
-    input_noise: str = "normal"  # normal: u ~ N(0, I) is mapped to truncated noise; truncated: u is used as is
+    mechanism: str = setting("foreground", choices=MECHANISMS)
+    truncation: float = setting(0.5, lo=0.0, hi=1.0, lo_open=True, help="BigGAN truncation")
+    input_noise: str = setting("normal", choices=("normal", "truncated"),
+                               help="normal: u ~ N(0, I) is mapped to truncated noise; truncated: u is used as is")
     # BigGAN-deep, the fields of pytorch_pretrained_biggan.BigGANConfig (defaults: biggan-deep-256)
     output_dim: int = 256
-    z_dim: int = 128
-    class_embed_dim: int = 128
-    channel_width: int = 128
-    num_classes: int = 1000
+    z_dim: int = setting(128, lo=1, hi=100_000, unit="dims")
+    class_embed_dim: int = setting(128, lo=1, hi=100_000, unit="dims")
+    channel_width: int = setting(128, lo=1, hi=100_000, unit="channels")
+    num_classes: int = setting(1000, lo=1, hi=100_000, unit="classes")
     layers: tuple[tuple, ...] = DEEP_256
     attention_layer_position: int = 8
     eps: float = 1e-4
-    n_stats: int = 51
+    n_stats: int = setting(51, lo=1, hi=100_000)
     # U2-Net masker (shape only; defaults: the full U2-Net)
     u2net_encoder: tuple[tuple, ...] = U2NetConfig.encoder
     u2net_decoder: tuple[tuple, ...] = U2NetConfig.decoder
@@ -121,15 +123,7 @@ class ImageNetMechanismConfig:
 
     def validate(self) -> None:
         """Check every field (ranges in the class docstring); raises `SkdcgnError` naming the first bad field."""
-        if self.mechanism not in MECHANISMS:
-            raise SkdcgnError(f"mechanism: {self.mechanism!r} is not one of {', '.join(MECHANISMS)}")
-        if not 0.0 < self.truncation <= 1.0:
-            raise SkdcgnError(f"truncation: {self.truncation} is outside (0, 1]")
-        if self.input_noise not in ("normal", "truncated"):
-            raise SkdcgnError(f"input_noise: {self.input_noise!r} is not one of normal, truncated")
-        for name in ("z_dim", "class_embed_dim", "channel_width", "num_classes", "n_stats"):
-            if not 1 <= getattr(self, name) <= 100_000:
-                raise SkdcgnError(f"{name}: {getattr(self, name)} is outside [1, 100000]")
+        validate_config(self)
         if self.class_embed_dim != self.z_dim:
             raise SkdcgnError(f"class_embed_dim: BigGAN-deep needs class_embed_dim == z_dim ({self.z_dim}), got {self.class_embed_dim}")
         if self.n_stats < 2:
