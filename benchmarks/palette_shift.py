@@ -21,7 +21,7 @@ from skdcgn import load_cgn, load_classifier
 from skdcgn.results.records import format_mean_std, hardware_info, mean_std
 from skdcgn.data import load_variant_uint8
 from skdcgn.data import variants as V
-from skdcgn.invariance import evaluate
+from skdcgn.invariance import accuracy
 from skdcgn.io import write_bytes
 from skdcgn.metrics.palette import cgn_palette
 from skdcgn.results.render import table_rows
@@ -70,7 +70,7 @@ def accuracy_table(variant: str, found: dict[str, list[Path]], sets: dict, colum
         accs = []
         for d in found[row]:
             clf = load_classifier(d).eval()
-            accs.append({k: evaluate(clf, x, y) for k, (x, y) in sets.items()})
+            accs.append({k: accuracy(clf, x, y) for k, (x, y) in sets.items()})
         a = mean_std(accs)
         diff = mean_std([{"d": r[b_name] - r[a_name]} for r in accs])["d"]
         L.append(f"| {row} | {format_mean_std(a[a_name])} ({len(accs)}) | {format_mean_std(a[b_name])} ({len(accs)}) | "

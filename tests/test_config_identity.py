@@ -3,7 +3,6 @@ metadata and YAML presets) and must never change without a note in the changelog
 folders written before are recognised by exactly these hashes (a changed one retrains a stage)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -203,13 +203,13 @@ def test_feature_extractor_converts_uint8_and_refuses_other_ranges(test_images):
 
 
 def test_every_public_image_function_applies_the_same_rule(test_images, tmp_path):
-    from skdcgn.invariance import evaluate, predict
+    from skdcgn.invariance import accuracy, predict
     from skdcgn.models.classifier import Classifier, ClassifierNetConfig
 
     clf = Classifier(ClassifierNetConfig()).eval()
     labels = torch.zeros(len(test_images), dtype=torch.long)
     assert torch.equal(predict(clf, test_images), predict(clf, check_images(test_images)))
-    for fn in (lambda x: predict(clf, x), lambda x: evaluate(clf, x, labels), lambda x: image_grid(x, 10)):
+    for fn in (lambda x: predict(clf, x), lambda x: accuracy(clf, x, labels), lambda x: image_grid(x, 10)):
         with pytest.raises(SkdcgnError, match=r"expected \[-1, 1\]"):
             fn(test_images.float())
     with pytest.raises(SkdcgnError, match="masks"):

@@ -15,7 +15,7 @@ from skdcgn.compose import COMPOSERS
 from skdcgn.counterfactuals import generate_counterfactuals, load_image_dataset
 from skdcgn.images import to_float
 from skdcgn.errors import SkdcgnError
-from skdcgn.invariance import ClassifierConfig, evaluate, train_classifier
+from skdcgn.invariance import ClassifierConfig, accuracy, train_classifier
 from skdcgn.models.cgn import CGN
 from skdcgn.models.classifier import Classifier, ClassifierNetConfig
 from skdcgn.models.pretrained import PretrainedModel
@@ -219,7 +219,7 @@ def test_tiny_training_learns(tmp_path):
     log = json.loads((tmp_path / "manifest.json").read_text())["log"]
     assert log[-1]["loss"] < log[0]["loss"]
     test_x, test_y = separable_set(200, seed=1)
-    assert evaluate(model, test_x, test_y) > 0.3  # chance is 0.1; 24 steps reach 0.46–0.64 over seeds
+    assert accuracy(model, test_x, test_y) > 0.3  # chance is 0.1; 24 steps reach 0.46–0.64 over seeds
     assert (tmp_path / "train_log.csv").read_text().count("\n") == 4
     assert isinstance(skdcgn.load_classifier(tmp_path), Classifier)
     again = train_classifier(images, labels, config, tmp_path, progress=False)  # complete: loaded, not retrained
@@ -235,7 +235,7 @@ def test_monitoring_a_test_set_logs_each_epoch_and_changes_nothing(tmp_path):
     assert all(torch.equal(v, w) for v, w in zip(plain.state_dict().values(), watched.state_dict().values()))
     log = json.loads((tmp_path / "manifest.json").read_text())["log"]
     assert len(log) == 3 and all(0 <= r["test_accuracy"] <= 1 for r in log)
-    assert log[-1]["test_accuracy"] == round(evaluate(watched, test_x, test_y), 6)
+    assert log[-1]["test_accuracy"] == round(accuracy(watched, test_x, test_y), 6)
     header = (tmp_path / "train_log.csv").read_text().splitlines()[0]
     assert header.endswith(",seconds,test_accuracy")
     with pytest.raises(SkdcgnError, match="labels"):  # refused before training, nothing written
@@ -278,7 +278,7 @@ def test_a_resumed_curve_never_mixes_two_test_sets(tmp_path, same_test_set):
                          monitor={"test": (old_x, old_y)})
     model = train_classifier(images, labels, config, tmp_path, progress=False, monitor={"test": (new_x, new_y)})
     log = json.loads((tmp_path / "manifest.json").read_text())["log"]
-    assert log[1]["test_accuracy"] == round(evaluate(model, new_x, new_y), 6)
+    assert log[1]["test_accuracy"] == round(accuracy(model, new_x, new_y), 6)
     assert ("test_accuracy" in log[0]) == same_test_set  # epoch 1 was scored on the old images: dropped
     assert (tmp_path / "train_log.csv").read_text().splitlines()[1].endswith(",") != same_test_set
 

@@ -270,7 +270,7 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
             row = {"epoch": epoch, "steps": step, "lr": lr, "loss": round(loss_sum.item() / seen, 6),
                    "accuracy": round(correct.item() / seen, 6), "seconds": round(time.perf_counter() - t0, 2)}
             for name, (mx, my) in (monitor or {}).items():
-                row[f"{name}_accuracy"] = round(evaluate(model, mx, my), 6)  # eval mode: BN statistics untouched
+                row[f"{name}_accuracy"] = round(accuracy(model, mx, my), 6)  # eval mode: BN statistics untouched
             log.append(row)
             logger.info("epoch %d: loss %.4f, train accuracy %.4f, %.1f s", epoch, row["loss"], row["accuracy"],
                         row["seconds"])
@@ -302,7 +302,7 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Te
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-def evaluate(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+def accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1] of `classifier` on (images, labels)."""
     _check_data(images, labels, n_classes=10**9, check_range=False)  # predict checks the range
     return (predict(classifier, images, batch_size) == labels).float().mean().item()

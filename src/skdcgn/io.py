@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import contextlib
-import csv
 import errno
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -142,16 +140,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-
-
-def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]],
-              lineterminator: str = "\r\n") -> None:
-    """Write a CSV file (a header row, then `rows`) atomically; `lineterminator` as in `csv.writer`."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator=lineterminator)
-    w.writerow(header)
-    w.writerows(rows)
-    write_bytes(path, buf.getvalue().encode())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -638,12 +626,3 @@ def confined(root: str | os.PathLike, relative: str) -> Path:
     return p
 
 
-def finite_float(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
-    """Validate a numeric config value (one-line error naming the field)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SkdcgnError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise SkdcgnError(f"{name}: {value!r} is outside [{lo}, {hi}]")
-    return v

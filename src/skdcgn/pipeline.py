@@ -268,7 +268,7 @@ def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
                          progress: bool, overwrite: bool = False) -> dict:
     """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
-    from .invariance import ClassifierConfig, evaluate, train_classifier
+    from .invariance import ClassifierConfig, accuracy, train_classifier
 
     ccfg = ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
                             max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
@@ -284,9 +284,9 @@ def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_
     clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])},
                            overwrite=overwrite)
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
-    acc = {"train": evaluate(clf, x[sub], y[sub])}
+    acc = {"train": accuracy(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():
-        acc[split] = evaluate(clf, tx[:k], ty[:k])
+        acc[split] = accuracy(clf, tx[:k], ty[:k])
     write_manifest(eval_dir, eval_cfg, accuracy=acc)
     return acc
 

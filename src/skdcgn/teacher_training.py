@@ -64,7 +64,7 @@ from .images import to_float
 from .runlog import MetricsLog
 from .io import MANIFEST, check_finite, folder_lock, stage_complete, write_json, write_manifest
 from .models.cgn import CGN
-from .models.cgn_discriminator import CGNDiscriminator, DiscriminatorConfig
+from .models.cgn_discriminator import CGNDiscriminator, CGNDiscriminatorConfig
 from .models.cgn_mnist import teacher_mechanisms
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def build_models(variant: str, config: TeacherTrainConfig) -> tuple[CGN, CGNDisc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         cgn = CGN(**teacher_mechanisms(ngf=config.ngf))
-        disc = CGNDiscriminator(DiscriminatorConfig(kind=kind, ndf=ndf))
+        disc = CGNDiscriminator(CGNDiscriminatorConfig(kind=kind, ndf=ndf))
     _init_mechanisms(cgn, config.init_gain, torch.Generator().manual_seed(config.seed))
     return cgn, disc
 

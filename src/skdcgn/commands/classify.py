@@ -65,7 +65,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..api import load_classifier
     from ..config import resolve_device
     from ..errors import SkdcgnError
-    from ..invariance import evaluate, load_source
+    from ..invariance import accuracy, load_source
 
     if not 1 <= args.batch_size <= 1_000_000:
         raise SkdcgnError(f"--batch-size must be between 1 and 1000000, got {args.batch_size}")
@@ -81,6 +81,6 @@ def _eval(args: argparse.Namespace) -> int:
         where += f" in the colours of {args.palette_of}"
     else:
         images, labels = load_source(f"variant:{args.variant}:{args.split}" if args.variant else args.data)
-    acc = evaluate(model, images, labels, batch_size=args.batch_size)
+    acc = accuracy(model, images, labels, batch_size=args.batch_size)
     print(f"accuracy {acc:.4f} on {where} ({len(labels)} images)")
     return 0

@@ -24,7 +24,7 @@ KINDS = ("linear", "conv")
 
 
 @dataclasses.dataclass
-class DiscriminatorConfig:
+class CGNDiscriminatorConfig:
     """A CGN-MNIST teacher discriminator (after the CGN authors' `DiscLin` / `DiscConv`).
 
     Fields:
@@ -60,9 +60,9 @@ def _dropout(x: Tensor, p: float, training: bool, generator: torch.Generator | N
 @register
 class CGNDiscriminator(PretrainedModel):
     """Class-conditional LSGAN discriminator for training CGN-MNIST teachers: one score per image."""
-    Config = DiscriminatorConfig
+    Config = CGNDiscriminatorConfig
 
-    def __init__(self, config: DiscriminatorConfig) -> None:
+    def __init__(self, config: CGNDiscriminatorConfig) -> None:
         config.validate()
         super().__init__(config)
         c, n = config.ndf, config.n_classes
