@@ -56,7 +56,7 @@ def quick_run_loads(repeats: int, tmp: Path) -> list[dict]:
     from skdcgn.counterfactuals import SHARD_PATTERN
     from skdcgn.data.variants import SIZE, TEST_RANGE, TRAIN_RANGE
     from skdcgn.distill.trainer import preset as distill_preset
-    from skdcgn.pipeline import PRESETS, ROWS
+    from skdcgn.pipeline import PRESETS, TRAINING_SETS
 
     run = PRESETS["quick"]
     dcfg = distill_preset(run["distill_preset"])
@@ -86,7 +86,7 @@ def quick_run_loads(repeats: int, tmp: Path) -> list[dict]:
             save_tensors(p, {"images": torch.randint(0, 256, (s, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
                              "labels": labels, "y_fg": labels, "y_bg": labels})
             paths.append(p)
-    reads = sum(1 for r in ROWS if r != "original") / 3  # 4 dataset reads over 3 datasets
+    reads = sum(1 for r in TRAINING_SETS if r != "original") / 3  # 4 dataset reads over 3 datasets
     rows.append(_verify_row("counterfactual datasets (3, read by 4 rows)", paths, reads, repeats))
 
     # the cached variant splits: train, test, test_iid, each digested once when loaded

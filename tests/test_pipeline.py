@@ -8,7 +8,7 @@ import pytest
 
 from skdcgn.cli import main
 from skdcgn.io import read_json
-from skdcgn.results.records import ROWS
+from skdcgn.results.records import TRAINING_SETS
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_every_stage_leaves_its_artifacts(tiny_run):
         assert (vdir / "distill" / "students" / m / "model.safetensors").is_file()
     for d in ("teacher_samples", "teacher_cf", "student_cf"):
         assert (vdir / "datasets" / d / "manifest.json").is_file()
-    for row in ROWS:
+    for row in TRAINING_SETS:
         assert (vdir / "classifiers" / row / "seed0" / "eval" / "manifest.json").is_file()
     assert not list(run_dir.rglob("*.tmp"))
 
@@ -36,17 +36,17 @@ def test_table_and_report(tiny_run):
     run_dir, _ = tiny_run
     summary = read_json(run_dir / "results.json")
     table = summary["results"]["colored"]["table"]
-    assert set(table) == set(ROWS)
+    assert set(table) == set(TRAINING_SETS)
     stage_s = summary["results"]["colored"]["stage_seconds"]  # read back from the stages' manifests
     assert stage_s["students"] > 0 and stage_s["counterfactuals"] > 0 and stage_s["classifiers"] > 0
-    for row in ROWS:
+    for row in TRAINING_SETS:
         for split in ("train", "test", "test_iid"):
             assert 0.0 <= table[row][split]["mean"] <= 100.0
     md = (run_dir / "results.md").read_text()
     assert "| student_cf |" in md and "test (OOD)" in md
     curves = summary["results"]["colored"]["test_by_epoch"]  # each classifier's OOD accuracy after each epoch
-    assert set(curves) == set(ROWS)
-    for row in ROWS:
+    assert set(curves) == set(TRAINING_SETS)
+    for row in TRAINING_SETS:
         assert curves[row]["seeds"] == [0] and len(curves[row]["mean"]) == summary["config"]["classifier_epochs"]
         assert curves[row]["mean"][-1] == pytest.approx(table[row]["test"]["mean"], abs=0.01)  # same images and model
     from skdcgn.pipeline import record_results
@@ -108,7 +108,7 @@ def test_record_keys_say_what_differs_from_the_preset():
     from skdcgn.pipeline import record_key
 
     def summary(distill_preset, teacher="shipped", seeds=1):
-        return {"config": {"distill_preset": distill_preset, "teacher": teacher, "seeds": seeds, "rows": list(ROWS)},
+        return {"config": {"distill_preset": distill_preset, "teacher": teacher, "seeds": seeds, "rows": list(TRAINING_SETS)},
                 "results": {"wildlife": {}, "colored": {}}}
 
     assert record_key(summary("quick"), "quick") == "run-quick-wildlife+colored"
@@ -135,24 +135,24 @@ def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
     record_results(md, "runs/x", summary(["teacher_cf", "student_cf"]), "full")
     record_results(md, "runs/x", summary(["original"], seeds=3), "full")  # other seeds: other classifiers
     record_results(md, "runs/y", summary(["original"]), "full")  # another run folder
-    assert record_results(md, "runs/x", summary(ROWS), "full") == ["run-full-colored-teacher_cf+student_cf-1seed"]
+    assert record_results(md, "runs/x", summary(TRAINING_SETS), "full") == ["run-full-colored-teacher_cf+student_cf-1seed"]
     keys = set(read_json(tmp_path / "results.json")["runs"])
     assert keys == {"run-full-colored-1seed", "run-full-colored-original", "run-full-colored-original-1seed"}
     assert "teacher_cf+student_cf" not in md.read_text()
     # more seeds of the same classifiers (seeds 0..n-1): the records with fewer seeds are parts of it
-    assert sorted(record_results(md, "runs/x", summary(ROWS, seeds=3), "full")) == ["run-full-colored-1seed",
+    assert sorted(record_results(md, "runs/x", summary(TRAINING_SETS, seeds=3), "full")) == ["run-full-colored-1seed",
                                                                                     "run-full-colored-original"]
     assert set(read_json(tmp_path / "results.json")["runs"]) == {"run-full-colored", "run-full-colored-original-1seed"}
     # a record made before a config field existed ran with its default: still a part of the new one
     older = summary(["teacher_cf"], seeds=3)
     del older["config"]["students"]
     record_results(md, "runs/z", older, "full")
-    assert record_results(md, "runs/z", summary(ROWS, seeds=3), "full") == ["run-full-colored-teacher_cf"]
+    assert record_results(md, "runs/z", summary(TRAINING_SETS, seeds=3), "full") == ["run-full-colored-teacher_cf"]
     # resumed with another thread count: the same classifiers; other settings: other classifiers
-    one_thread = summary(ROWS, seeds=5)
+    one_thread = summary(TRAINING_SETS, seeds=5)
     one_thread["config"]["threads"] = 1
     assert record_results(md, "runs/z", one_thread, "full") == ["run-full-colored"]
-    other = summary(ROWS, seeds=6)
+    other = summary(TRAINING_SETS, seeds=6)
     other["config"]["classifier_epochs"] = 3
     assert record_results(md, "runs/z", other, "full") == []
 
@@ -256,7 +256,7 @@ def test_summaries_combine_the_records_of_one_protocol_cell_by_cell():
         return key, {"kind": "pipeline", "key": key, "date": date, "config": config, "hardware": {"device": "cpu"},
                      "results": {variant: {"table": {r: acc for r in rows}}}}
 
-    runs = dict([record("run-full-colored-1seed", "colored", ROWS, 1, "2026-01-01", 11.0),
+    runs = dict([record("run-full-colored-1seed", "colored", TRAINING_SETS, 1, "2026-01-01", 11.0),
                  record("run-full-colored-teacher_cf", "colored", ["teacher_cf"], 3, "2026-01-02", 33.0),
                  record("run-full-wildlife-1seed", "wildlife", ["original"], 1, "2026-01-01", 22.0),
                  record("run-full-wildlife-x", "wildlife", ["original"], 1, "2026-01-03", 44.0),  # equal seeds: the later
@@ -266,7 +266,7 @@ def test_summaries_combine_the_records_of_one_protocol_cell_by_cell():
     assert "| teacher_cf | 33.0 ± 0.5 (3) | – |" in md and "| original | 11.0 (1) | 44.0 (1) |" in md
     assert "| student_cf | 11.0 (1) | – |" in md and "55.0" not in md
     # records measured on another data build are summarised apart, the newest build first
-    for key, rec in [record("run-full-colored-1seed-data2", "colored", ROWS, 1, "2026-01-05", 66.0),
+    for key, rec in [record("run-full-colored-1seed-data2", "colored", TRAINING_SETS, 1, "2026-01-05", 66.0),
                      record("run-full-colored-original-data2", "colored", ["original"], 3, "2026-01-06", 77.0)]:
         runs[key] = {**rec, "data_build": 2}
     md = "\n".join(render_summaries(runs))
@@ -280,8 +280,8 @@ def test_records_of_another_data_build_stand_beside_the_earlier_ones(tmp_path):
 
     from skdcgn.pipeline import RunConfig, record_key, record_results
 
-    config = {**dataclasses.asdict(RunConfig(device="cpu", distill_preset="default")), "rows": list(ROWS), "seeds": 1}
-    table = {r: {s: {"mean": 50.0, "std": 0.0, "n": 1} for s in ("train", "test", "test_iid")} for r in ROWS}
+    config = {**dataclasses.asdict(RunConfig(device="cpu", distill_preset="default")), "rows": list(TRAINING_SETS), "seeds": 1}
+    table = {r: {s: {"mean": 50.0, "std": 0.0, "n": 1} for s in ("train", "test", "test_iid")} for r in TRAINING_SETS}
     old = {"config": config, "results": {"colored": {"table": table}}, "seconds": 1.0}  # before builds were kept
     new = {**old, "data_build": 2}
     assert record_key(old, "full") == "run-full-colored-1seed" and record_key(new, "full") == "run-full-colored-1seed-data2"

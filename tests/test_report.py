@@ -17,7 +17,7 @@ from skdcgn.results.report import write_run_report
 from skdcgn.teacher_training import LOSS_COLUMNS
 
 FIGURES = ("cost_quality.png", "colored/classifiers/curves.png", "colored/teacher/train/losses.png")
-ROWS = ("original", "teacher_cf", "student_cf")
+TRAINING_SETS = ("original", "teacher_cf", "student_cf")
 
 
 def _acc(mean: float, n: int = 2) -> dict:
@@ -36,9 +36,9 @@ def _fake_run(run_dir: Path) -> dict:
     """The artifacts the report reads, written by hand: classifier logs (manifests, one CSV), the
     distillation's eval.json and a trained teacher's losses.csv."""
     vdir = run_dir / "colored"
-    for row in ROWS:
+    for row in TRAINING_SETS:
         for s in range(2):
-            i = ROWS.index(row)
+            i = TRAINING_SETS.index(row)
             log = [{"epoch": e, "steps": 10 * e, "lr": 1.0, "loss": (2.0 + i) / e ** 2 + 0.1 * s, "accuracy": 0.3 * e,
                     "seconds": 1.0, **({"test_accuracy": 0.2 * e + 0.1 * s + 0.05 * i} if row != "original" else {})}
                    for e in (1, 2, 3)]

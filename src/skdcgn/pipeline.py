@@ -32,7 +32,7 @@ from .data.variants import BUILD_VERSION, VARIANTS
 from .models.cgn import CGN
 from .models.classifier import ARCHS
 from .io import config_hash, folder_lock, read_json, stage_complete, write_json, write_manifest
-from .results.records import HYBRID_ROWS, ROWS, command_line, data_build, hardware_info, mean_std
+from .results.records import HYBRID_TRAINING_SETS, TRAINING_SETS, command_line, data_build, hardware_info, mean_std
 from .results.render import write_results
 from .results.report import write_run_report
 
@@ -45,7 +45,7 @@ class RunConfig:
     """What `skdcgn run` does per variant: the teacher (shipped or trained), the students (distilled
     with a distillation preset, or reused from an earlier run), the counterfactual sets (images per
     set, counterfactuals per mask) and the classifiers (rows, seeds, architecture, epochs, caps).
-    Each field's choices (VARIANTS, ROWS + HYBRID_ROWS, COMPOSERS, the classifier architectures)
+    Each field's choices (VARIANTS, TRAINING_SETS + HYBRID_TRAINING_SETS, COMPOSERS, the classifier architectures)
     or range is its `setting` metadata, checked by `validate()`, which raises `SkdcgnError` naming
     the field. Presets: `PRESETS` (YAML files in skdcgn/configs/run/)."""
 
@@ -65,7 +65,7 @@ class RunConfig:
     classifier_max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="0: all images of the dataset")
     composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
                                          help="composition-study variants (besides standard)")
-    rows: tuple[str, ...] = setting(ROWS, choices=ROWS + HYBRID_ROWS,
+    rows: tuple[str, ...] = setting(TRAINING_SETS, choices=TRAINING_SETS + HYBRID_TRAINING_SETS,
                                     help="which table rows to train (a subset saves hours on a CPU)")
     eval_examples: int = setting(10_000, lo=10, hi=10**6, unit="images", help="images per split used for the accuracy table")
     device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
@@ -171,7 +171,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     # counterfactual datasets
     t = time.perf_counter()
-    rows = [r for r in ROWS + HYBRID_ROWS if r in config.rows] + [f"study_{c}" for c in config.composers]
+    rows = [r for r in TRAINING_SETS + HYBRID_TRAINING_SETS if r in config.rows] + [f"study_{c}" for c in config.composers]
     datasets = {
         "teacher_samples": (teacher, "standard", False),
         "teacher_cf": (teacher, "standard", True),
@@ -314,7 +314,7 @@ def _row_subset_of(old: dict, new: dict) -> bool:
     defaults = dataclasses.asdict(RunConfig())  # fields added since `old` was recorded: it ran with their defaults
     a, b = {**defaults, **old["config"]}, {**defaults, **new["config"]}
     a.pop("threads"), b.pop("threads")  # the same classifier folders are resumed with any thread count
-    rows_a, rows_b = set(a.pop("rows", ROWS)), set(b.pop("rows", ROWS))
+    rows_a, rows_b = set(a.pop("rows", TRAINING_SETS)), set(b.pop("rows", TRAINING_SETS))
     seeds_a, seeds_b = a.pop("seeds"), b.pop("seeds")
     return config_hash(a) == config_hash(b) and rows_a <= rows_b and seeds_a <= seeds_b  # hashed: lists vs tuples
 
@@ -326,8 +326,8 @@ def record_key(summary: dict, preset: str) -> str:
     students = PRESETS.get(preset, {}).get("distill_preset", RunConfig.distill_preset)
     if cfg["distill_preset"] != students:
         key += f"-{cfg['distill_preset']}-students"
-    rows = tuple(cfg.get("rows", ROWS))
-    if rows != ROWS:
+    rows = tuple(cfg.get("rows", TRAINING_SETS))
+    if rows != TRAINING_SETS:
         key += "-" + "+".join(rows)
     seeds = cfg["seeds"]
     if seeds != PRESETS.get(preset, {}).get("seeds", RunConfig.seeds):

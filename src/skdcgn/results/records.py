@@ -17,16 +17,13 @@ import torch
 from .._version import __version__
 from ..config import usable_cpus
 
-# The training sets of the accuracy table, in its order (the CGN paper's Table 2, extended); the
-# composition-study rows `study_<composer>` follow them.
-
-
-ROWS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
+# The training sets of the classifiers, one row each of the accuracy table, in its order (the CGN
+# paper's Table 2, extended); the composition-study rows `study_<composer>` follow them. (The
+# run's `rows` setting and `--rows` option pick among them: a table row is a training set.)
+TRAINING_SETS = ("original", "teacher_samples", "teacher_cf", "student_cf", "student_cf+original")
 # Hybrid CGNs (one mechanism from the teacher, the others from the students): which mechanism
 # costs the students' counterfactuals accuracy. Trained only when asked for (`--rows`).
-
-
-HYBRID_ROWS = ("hybrid_teacher_shape", "hybrid_student_shape")
+HYBRID_TRAINING_SETS = ("hybrid_teacher_shape", "hybrid_student_shape")
 
 
 def hardware_info(device: torch.device) -> dict:
