@@ -24,7 +24,7 @@ import torch
 from skdcgn.bench import hardware_info
 from skdcgn.io import save_tensors, sha256_file, tensor_digest, verify_file, write_bytes
 
-QUICK_RUN_SECONDS = 240  # README: `skdcgn run --preset quick`, one variant, 2-core CPU, data build included
+QUICK_RUN_SECONDS = 455  # README: `skdcgn run --preset quick`, one variant, 2-core CPU, measured 2026-12-01 (data cached)
 
 
 def best(f, repeats: int) -> float:
