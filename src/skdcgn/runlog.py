@@ -84,16 +84,7 @@ class MetricsLog:
             except (OSError, UnicodeDecodeError, ValueError) as e:
                 raise SkdcgnError(f"{jsonl}: not a metrics log ({type(e).__name__}: {str(e)[:100]})") from None
             return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]
-        if not self.path.is_file():
-            return []
-        try:
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            # a torn last line (a file appended to by an older version when it was killed) is dropped
-            return [{k: _number(v) for k, v in r.items() if v != ""} for r in rows
-                    if None not in r and None not in r.values()]
-        except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
-            raise SkdcgnError(f"{self.path}: not a metrics table ({type(e).__name__}: {str(e)[:100]})") from None
+        return read_table(self.path) if self.path.is_file() else []
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Rewrite the CSV and JSONL with `rows` (atomically), and send rows newer than the last
@@ -130,6 +121,22 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def read_table(path: str | Path) -> list[dict[str, float | int | str]]:
+    """The rows of a metrics CSV (a header, then one line per row), numbers parsed (int, else
+    float, else the text as it is), empty fields left out; a torn last line (a file appended to
+    by an older version when it was killed) is dropped. The one reader of the trainers' tables
+    (resume, the run report's figures). Raises `SkdcgnError` naming the file when it is missing or
+    not a CSV table."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [{k: _number(v) for k, v in r.items() if v != ""} for r in rows
+                if None not in r and None not in r.values()]
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise SkdcgnError(f"{path}: not a metrics table ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def _number(text: str) -> float | int | str:

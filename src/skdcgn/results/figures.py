@@ -8,7 +8,6 @@ its inputs are missing or incomplete. A malformed input file is a one-line `Skdc
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 import statistics
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..errors import SkdcgnError
+from ..runlog import read_table
 from ..io import read_json, write_bytes
 from ..models.cgn import MECHANISMS
 from ..teacher_training import LOSS_COLUMNS
@@ -82,12 +82,7 @@ def read_training_log(seed_dir: Path) -> list[dict[str, float]] | None:
         if entries is None:
             return None
     elif table.is_file():
-        path = table
-        try:
-            with open(table, newline="") as f:
-                entries = list(csv.DictReader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise _bad(path, "a training log", e) from None
+        path, entries = table, read_table(table)
     else:
         return None
     try:
@@ -190,11 +185,10 @@ def plot_teacher_losses(losses_csv: Path, out: Path, title: str = "teacher train
     `SkdcgnError` naming the file when it is not such a table."""
     if not losses_csv.is_file():
         return False
+    rows = read_table(losses_csv)
     try:
-        with open(losses_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
         series = {c: [_number(r[c]) for r in rows] for c in LOSS_COLUMNS if c != "seconds"}
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise _bad(losses_csv, "a teacher losses table", e) from None
     if not rows:
         return False

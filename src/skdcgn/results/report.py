@@ -6,7 +6,6 @@ report of a finished run can be regenerated at any time (`skdcgn report RUN_DIR`
 """
 from __future__ import annotations
 
-import csv
 import html
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 
 from ..data.variants import VARIANTS
 from ..errors import SkdcgnError
+from ..runlog import read_table
 from ..io import read_json, write_bytes
 from ..models.cgn import MECHANISMS
 from .figures import plot_classifier_curves, plot_cost_vs_accuracy, plot_teacher_losses, save_fig as _save_fig
@@ -32,13 +32,11 @@ def _plot_losses(vdir: Path, out: Path) -> bool:
     fig = Figure(figsize=(4 * len(logs), 3))  # a Figure of its own: no pyplot state, no backend switch
     axes = fig.subplots(1, len(logs), squeeze=False)
     for ax, (m, path) in zip(axes[0], logs.items()):
+        rows = read_table(path)
         try:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
             steps = [float(r["step"]) for r in rows]
-            series = {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-                      for key in ("pixel", "g_loss", "d_loss")}
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as e:
+            series = {key: [float(r[key]) for r in rows if key in r] for key in ("pixel", "g_loss", "d_loss")}
+        except (KeyError, ValueError, TypeError) as e:
             raise SkdcgnError(f"{path}: not a losses table ({type(e).__name__}: {str(e)[:100]})") from None
         for key, vals in series.items():
             if len(vals) == len(steps):
