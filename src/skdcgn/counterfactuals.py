@@ -30,7 +30,7 @@ from .errors import SkdcgnError
 from .hashing import derive_seed, sha256_of
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
-from .io import (MANIFEST, confined, config_hash, first_difference, folder_lock, load_tensors, read_json,
+from .io import (MANIFEST, confined, config_hash, folder_lock, load_tensors, read_json,
                  recorded_digests, refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata,
                  verify_file, write_json, write_manifest)
 
@@ -75,9 +75,6 @@ def _generate_shard(cgn, n_images: int, per_shape: int, seed: int, shard: int, c
         out["y_fg"].append(y_fg.cpu())
         out["y_bg"].append(y_bg.cpu())
     return {name: torch.cat(ts)[:n_images].contiguous() for name, ts in out.items()}
-
-
-_first_difference = first_difference  # (kept for callers of the old name)
 
 
 def _clear(out_dir: Path) -> None:
