@@ -15,7 +15,7 @@ ROOT = Path(skdcgn.__file__).resolve().parent
 # (layer, module-name prefixes); a module may import its own layer or any lower one
 LAYERS = [
     (0, ["skdcgn._version", "skdcgn.errors", "skdcgn.io", "skdcgn.config", "skdcgn.images", "skdcgn.grids",
-         "skdcgn.compose", "skdcgn.checkpoint", "skdcgn.hashing", "skdcgn.runlog"]),
+         "skdcgn.compose", "skdcgn.checkpoint", "skdcgn.hashing", "skdcgn.runlog", "skdcgn.training"]),
     (1, ["skdcgn.models", "skdcgn.data", "skdcgn.api"]),
     (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.invariance", "skdcgn.teacher_training",
          "skdcgn.metrics"]),

@@ -20,7 +20,7 @@ from typing import Any, Iterable, TypeVar
 
 import torch
 
-from .errors import SkdcgnError
+from .errors import SkdcgnError, first_line
 
 C = TypeVar("C")
 
@@ -223,7 +223,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise SkdcgnError(f"{path}: config file not found") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SkdcgnError(f"{path}: not a valid YAML file ({str(e).splitlines()[0]})") from None
+        raise SkdcgnError(f"{path}: not a valid YAML file ({first_line(e)})") from None
     if obj is None:
         return {}
     if not isinstance(obj, dict):

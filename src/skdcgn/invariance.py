@@ -31,6 +31,7 @@ from .config import identity, resolve_device, setting, validate_config
 from .images import to_float, validate_images
 from .errors import SkdcgnError
 from .runlog import MetricsLog
+from .training import restore, usable_checkpoint
 from .hashing import derive_seed, sha256_of
 from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
                  write_manifest)
@@ -113,15 +114,9 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     """Restore the training state (`checkpoint.load_checkpoint`); (epoch, step, log, {monitor name:
     data hash} the log's monitored accuracies were measured on)."""
     state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], device)
+    restore(state, {"model": model, "optim": opt, "scheduler": sched, "rng": lambda rng: set_rng_state(rng, device)}, path)
+    with usable_checkpoint(path):
         return int(state["epoch"]), int(state["step"]), list(state["log"]), dict(state.get("monitor", {}))
-    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
-        raise SkdcgnError(f"{path}: not a usable checkpoint for this run ({str(e).splitlines()[0][:200]}); "
-                          "delete it to start over") from None
 
 
 LOG_FIELDS = ("epoch", "steps", "lr", "loss", "accuracy", "seconds")

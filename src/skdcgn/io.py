@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
-from .errors import SkdcgnError
+from .errors import SkdcgnError, first_line
 from .hashing import sha256_of
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _write_failure(e: BaseException, folder: Path) -> str:
     """A short reason for a failed write; safetensors and torch.save hide ENOSPC in their messages."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if "No space left" in text:
         return os.strerror(errno.ENOSPC)
     try:
@@ -275,8 +275,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
             TypeError, AttributeError, struct.error, zipfile.BadZipFile, io.UnsupportedOperation) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SkdcgnError(f"{path}: refused to load ({first[:200]})") from None
+        raise SkdcgnError(f"{path}: refused to load ({first_line(e)})") from None
     if isinstance(sd, dict) and set(sd) == {"state_dict"} and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

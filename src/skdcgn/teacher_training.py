@@ -62,6 +62,7 @@ from .data.variants import VARIANTS
 from .errors import SkdcgnError
 from .images import to_float
 from .runlog import MetricsLog
+from .training import due, restore, usable_checkpoint
 from .io import MANIFEST, check_finite, folder_lock, stage_complete, write_json, write_manifest
 from .models.cgn import CGN
 from .models.cgn_discriminator import CGNDiscriminator, CGNDiscriminatorConfig
@@ -188,6 +189,50 @@ class PatchStatistics(nn.Module):
                 cf, cr = weight @ sf.flatten(1), weight @ sr.flatten(1)  # [K', D]
                 loss = loss + (cf - cr).pow(2).mean()
         return loss
+
+
+class CGNLoss:
+    """The CGN-MNIST objective of the module doc behind stylegan2-ada's interface
+    (NVlabs/stylegan2-ada-pytorch `training/loss.py`): `accumulate_gradients(phase, ...)` computes
+    a phase's loss and backpropagates it; the loop zeroes and steps the optimizers.
+
+    phase "G": composites of the real batch's classes, L_G; returns the detached composites
+    [B, 3, 32, 32] and the terms. phase "D": L_D on the real batch and those composites.
+    Noise, texture shifts and the discriminator's dropout come from `generator`, in a fixed order,
+    so a resumed run draws what an uninterrupted one draws."""
+
+    def __init__(self, cgn: CGN, disc: nn.Module, stats: PatchStatistics, config: TeacherTrainConfig,
+                 generator: torch.Generator) -> None:
+        self.cgn, self.disc, self.stats, self.config, self.gen = cgn, disc, stats, config, generator
+
+    def accumulate_gradients(self, phase: str, x_real: Tensor, y: Tensor,
+                             x_fake: Tensor | None = None) -> dict[str, Tensor]:
+        """x_real [B, 3, 32, 32] in [-1, 1], y int64 [B]; `x_fake` (phase "D"): the composites of
+        phase "G". Returns {term: 0-d tensor} (phase "G" also "x_fake"). Raises `ValueError` for
+        another phase."""
+        c, gen = self.config, self.gen
+        if phase == "G":
+            mask = self.cgn.run_mechanism("shape", y, gen)       # [B, 1, 32, 32]
+            fg = self.cgn.run_mechanism("foreground", y, gen)    # [B, 3, 32, 32], shifted
+            bg = self.cgn.run_mechanism("background", y, gen)
+            x_fake = compose(mask, fg, bg)
+            adv = 0.5 * (self.disc(x_fake, y, gen) - 1).pow(2).mean()
+            binary = binary_entropy(mask)
+            prior = mask_size_prior(mask, c.mask_min, c.mask_max)
+            texture = (self.stats(x_fake, x_real, y, self.cgn.n_classes) if c.texture_weight > 0
+                       else x_fake.new_zeros(()))
+            loss = (c.adv_weight * adv + c.binary_weight * binary + c.mask_prior_weight * prior
+                    + c.texture_weight * texture)
+            loss.backward()
+            return {"loss_g": loss.detach(), "x_fake": x_fake.detach(), "adv": adv.detach(), "binary": binary.detach(),
+                    "mask_prior": prior.detach(), "texture": texture.detach(), "mask_mean": mask.detach().mean()}
+        if phase == "D":
+            d_real = self.disc(x_real, y, gen)
+            d_fake = self.disc(x_fake, y, gen)
+            loss = 0.5 * ((d_real - 1).pow(2).mean() + d_fake.pow(2).mean())
+            loss.backward()
+            return {"loss_d": loss.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+        raise ValueError(f"phase must be 'G' or 'D', not {phase!r}")
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -389,6 +434,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
     stats = PatchStatistics(seed=config.seed).to(device)
     gen = torch.Generator().manual_seed(config.seed + 1)  # noise, texture shifts, dropout (CPU)
+    loss = CGNLoss(cgn, disc, stats, config, gen)
 
     # Resume, or start afresh. Any manifest goes (once the checkpoint is known to fit): the stage is
     # incomplete until the end.
@@ -410,16 +456,9 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
         if not isinstance(saved["config"], dict):
             raise SkdcgnError(f"{ckpt_path}: not a teacher-training checkpoint (no config); delete it to start over")
         _check_resumable(saved["config"], dataclasses.asdict(config), variant, saved.get("variant"), ckpt_path)
-        try:
-            cgn.load_state_dict(saved["cgn"])
-            disc.load_state_dict(saved["disc"])
-            opt_g.load_state_dict(saved["opt_g"])
-            opt_d.load_state_dict(saved["opt_d"])
-            gen.set_state(saved["rng"])
+        restore(saved, {"cgn": cgn, "disc": disc, "opt_g": opt_g, "opt_d": opt_d, "rng": gen}, ckpt_path)
+        with usable_checkpoint(ckpt_path):
             step = int(saved["step"])
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SkdcgnError(f"{ckpt_path}: not a usable checkpoint for this run ({first}); delete it to start over") from None
         if step < 0:
             raise SkdcgnError(f"{ckpt_path}: checkpoint is at step {step}; delete it to start over")
         if step > config.steps:
@@ -442,7 +481,7 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "rng": gen.get_state(),
         }, _stage_config(variant, config))
 
-    n, k = images.shape[0], cgn.n_classes
+    n = images.shape[0]
     resumed_at = step
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"teacher {variant}", unit="step")
@@ -451,41 +490,21 @@ def _train_teacher(variant: str, run_dir: str | os.PathLike, config: TeacherTrai
             idx = batch_indices(step, n, config.batch_size, config.seed)
             x_real = to_float(images[idx]).to(device)  # [B, 3, 32, 32]
             y = labels[idx].to(device)                  # [B]
-
-            # generator: composites of the real batch's classes
-            mask = cgn.run_mechanism("shape", y, gen)       # [B, 1, 32, 32]
-            fg = cgn.run_mechanism("foreground", y, gen)    # [B, 3, 32, 32], shifted
-            bg = cgn.run_mechanism("background", y, gen)
-            x_fake = compose(mask, fg, bg)
-            d_out = disc(x_fake, y, gen)
-            l_adv = 0.5 * (d_out - 1).pow(2).mean()
-            l_bin = binary_entropy(mask)
-            l_prior = mask_size_prior(mask, config.mask_min, config.mask_max)
-            l_tex = stats(x_fake, x_real, y, k) if config.texture_weight > 0 else x_fake.new_zeros(())
-            loss_g = (config.adv_weight * l_adv + config.binary_weight * l_bin
-                      + config.mask_prior_weight * l_prior + config.texture_weight * l_tex)
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            g = loss.accumulate_gradients("G", x_real, y)
             opt_g.step()
-
-            # discriminator
-            d_real = disc(x_real, y, gen)
-            d_fake = disc(x_fake.detach(), y, gen)
-            loss_d = 0.5 * ((d_real - 1).pow(2).mean() + d_fake.pow(2).mean())
             opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            d = loss.accumulate_gradients("D", x_real, y, g["x_fake"])
             opt_d.step()
             step += 1
 
-            if not torch.isfinite(loss_g) or not torch.isfinite(loss_d):
-                raise SkdcgnError(f"training diverged at step {step} (loss_g {loss_g.item()}, loss_d {loss_d.item()}); "
-                                  "try a smaller lr or another seed")
-            if step % config.log_every == 0 or step == config.steps:
-                row = {"step": step, "seconds": round(time.perf_counter() - t0, 2), "loss_d": loss_d.item(),
-                       "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), "adv": l_adv.item(),
-                       "binary": l_bin.item(), "mask_prior": l_prior.item(), "texture": l_tex.item(),
-                       "mask_mean": mask.mean().item()}
-                loss_rows.append(row)
+            if not torch.isfinite(g["loss_g"]) or not torch.isfinite(d["loss_d"]):
+                raise SkdcgnError(f"training diverged at step {step} (loss_g {g['loss_g'].item()}, "
+                                  f"loss_d {d['loss_d'].item()}); try a smaller lr or another seed")
+            if due(step, config.log_every, config.steps):
+                row = {"step": step, "seconds": round(time.perf_counter() - t0, 2),
+                       **{k: v.item() for k, v in {**d, **g}.items() if k in LOSS_COLUMNS}}
+                loss_rows.append({k: row[k] for k in LOSS_COLUMNS})
                 losses.write(loss_rows)  # rewritten atomically: a kill never leaves a torn line
                 bar.set_postfix(d=f"{row['loss_d']:.3f}", adv=f"{row['adv']:.3f}", tex=f"{row['texture']:.3f}",
                                 m=f"{row['mask_mean']:.2f}", refresh=False)

@@ -17,6 +17,7 @@ discriminator is built or trained.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -53,12 +54,43 @@ class LossWeights:
 
 
 class DistillLoss:
-    """`discriminator_loss` and `generator_loss` for one mechanism; each returns (loss, logs)."""
+    """The distillation objective of one mechanism. The training loop calls
+    `accumulate_gradients(phase, ...)` (stylegan2-ada's interface, NVlabs/stylegan2-ada-pytorch
+    `training/loss.py`): "D" for the discriminator's hinge loss, "G" for the student's loss; each
+    computes its loss (under `autocast`, e.g. bf16 on CUDA) and calls backward, and the loop zeroes
+    and steps the optimizers. `discriminator_loss` and `generator_loss` return (loss, logs)."""
 
-    def __init__(self, weights: LossWeights, is_mask: bool) -> None:
+    def __init__(self, weights: LossWeights, is_mask: bool,
+                 autocast: contextlib.AbstractContextManager | None = None) -> None:
         weights.validate()
         self.w = weights
         self.is_mask = is_mask
+        self.autocast = autocast or contextlib.nullcontext()
+
+    def accumulate_gradients(self, phase: str, disc: nn.Module | None, real: Tensor, fake: Tensor, y: Tensor,
+                             logits: Tensor | None = None, fused: bool = False) -> dict[str, float]:
+        """Backpropagate one phase's loss and return its logs ({name: value}).
+
+        phase "D": the hinge loss of `disc` on the teacher's outputs `real` [B, C, S, S] against the
+        student's `fake` (detached here: only D learns); D's parameters require gradients for the
+        phase only. `fused`: one call of D on both (DDP, see `discriminator_loss`).
+        phase "G": the student's loss (`generator_loss`) from its pre-activation `logits` and
+        `fake` = activation(logits); `disc` None: the pixel term alone. Raises `ValueError` for
+        another phase.
+        """
+        if phase == "D":
+            disc.requires_grad_(True)
+            with self.autocast:
+                loss, logs = self.discriminator_loss(disc, real, fake.detach(), y, fused=fused)
+            loss.backward()
+            disc.requires_grad_(False)  # the student's phase does not need D's gradients
+            return logs
+        if phase == "G":
+            with self.autocast:
+                loss, logs = self.generator_loss(disc, logits, fake, real, y)
+            loss.backward()
+            return logs
+        raise ValueError(f"phase must be 'D' or 'G', not {phase!r}")
 
     @property
     def uses_discriminator(self) -> bool:

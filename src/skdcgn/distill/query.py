@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import resolve_device
-from ..errors import SkdcgnError
+from ..errors import SkdcgnError, first_line
 from ..hashing import derive_seed, sha256_of
 from ..io import (MANIFEST, atomic_path, confined, config_hash, folder_lock, make_dirs, load_tensors, read_json, recorded_digests,
                   refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata, verify_file,
@@ -310,7 +310,7 @@ def _read_shard(path: Path) -> tuple[Tensor, Tensor, Tensor]:
             raise SkdcgnError(f"{path}: sample {k} has {sorted(samples[k])}, expected cls, png, u.npy")
 
     def unreadable(k: str, e: Exception) -> SkdcgnError:
-        return SkdcgnError(f"{path}: sample {k} is unreadable ({str(e).splitlines()[0][:200]})")
+        return SkdcgnError(f"{path}: sample {k} is unreadable ({first_line(e)})")
 
     def decode_png(k: str) -> Tensor:
         try:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..config import (config_from_dict, identity, load_presets, preset_values, r
                       validate_config)
 from ..errors import SkdcgnError
 from ..runlog import MetricsLog
+from ..training import cosine_scale, due, restore, set_lr, update_ema, usable_checkpoint
 from ..hashing import derive_seed
 from ..grids import image_grid, save_png, stack_grids
 from ..io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings,
@@ -301,7 +301,9 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
     n_steps = config.steps_for(mechanism)
     is_mask = mechanism == "shape"
     progress = progress and env.is_main
-    loss_fn = DistillLoss(config.loss_weights(), is_mask)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    loss_fn = DistillLoss(config.loss_weights(), is_mask, autocast)
     student_cfg = config.student_config(mechanism, int(tcfg["n_classes"]), int(tcfg["latent_dim"]))
 
     torch.manual_seed(derive_seed(config.seed, MECHANISMS.index(mechanism), 1))  # weight init (and spectral norm's u)
@@ -322,77 +324,49 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
 
     step, rows, elapsed = 0, [], 0.0
     logs: dict[str, float] = {}
-    if state is not None:
-        if state.get("stage_hash") == config_hash(stage):
-            try:
-                step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
-                logs = {str(k): float(v) for k, v in state.get("logs", {}).items()}  # the last step's losses
-                if not 0 <= step <= n_steps:
-                    raise ValueError(f"step {step} is outside [0, {n_steps}]")
-                G.load_state_dict(state["G"])
-                opt_g.load_state_dict(state["opt_g"])
-                if D is not None:
-                    D.load_state_dict(state["D"])
-                    opt_d.load_state_dict(state["opt_d"])  # type: ignore[union-attr]
-                if ema is not None:
-                    ema.load_state_dict(state["ema"])
-            except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise SkdcgnError(f"{ckpt}: not a usable checkpoint for this run ({first}); "
-                                  "delete it to start this mechanism over") from None
+    if state is not None and state.get("stage_hash") == config_hash(stage):
+        with usable_checkpoint(ckpt, "delete it to start this mechanism over"):
+            step, rows, elapsed = int(state["step"]), [list(r) for r in state["rows"]], float(state["elapsed"])
+            logs = {str(k): float(v) for k, v in state.get("logs", {}).items()}  # the last step's losses
+            if not 0 <= step <= n_steps:
+                raise ValueError(f"step {step} is outside [0, {n_steps}]")
+        restore(state, {"G": G, "opt_g": opt_g, "D": D, "opt_d": opt_d, "ema": ema}, ckpt,
+                "delete it to start this mechanism over")
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
     fixed = torch.arange(min(16, len(transfer)))  # the same teacher samples in every grid
     data_seed = derive_seed(config.seed, MECHANISMS.index(mechanism), 2)
     losses = MetricsLog(out_dir / "losses.csv", LOG_FIELDS, "step", resumed_at=step)
     bar = tqdm(total=n_steps, initial=step, desc=f"distill {mechanism}", disable=not progress, unit="step")
     t_start = time.perf_counter() - elapsed
     while step < n_steps:
-        lr_scale = 0.5 * (1 + math.cos(math.pi * step / n_steps)) if config.cosine_decay else 1.0
-        for group in opt_g.param_groups:
-            group["lr"] = config.lr_g * lr_scale
-        if opt_d is not None:
-            for group in opt_d.param_groups:
-                group["lr"] = config.lr_d * lr_scale
+        lr_scale = cosine_scale(step, n_steps) if config.cosine_decay else 1.0
+        set_lr(opt_g, config.lr_g * lr_scale)
+        set_lr(opt_d, config.lr_d * lr_scale)
         u, y, real = (t.to(device) for t in transfer.batch(step, config.batch_size, data_seed, env.part))
         G.train()
-        with autocast:
+        with loss_fn.autocast:
             logits = forward_g(u, y)                                  # [B, C, S, S]
             fake = G.activate(logits)
-            logs = {}
-            adversarial = D is not None and step >= int(config.adv_start * n_steps)
-            if adversarial:
-                D.requires_grad_(True)
-                if D_ddp is not None:
-                    d_loss, d_logs = loss_fn.discriminator_loss(D_ddp, real, fake.detach(), y, fused=True)
-                else:
-                    d_loss, d_logs = loss_fn.discriminator_loss(D, real, fake.detach(), y)
-                opt_d.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                d_loss.backward()
-                opt_d.step()  # type: ignore[union-attr]
-                D.requires_grad_(False)  # the student's step does not need D's gradients
-                logs.update(d_logs)
-            g_loss, g_logs = loss_fn.generator_loss(D if adversarial else None, logits, fake, real, y)
+        logs = {}
+        adversarial = D is not None and step >= int(config.adv_start * n_steps)
+        if adversarial:
+            opt_d.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            logs.update(loss_fn.accumulate_gradients("D", D if D_ddp is None else D_ddp, real, fake, y,
+                                                     fused=D_ddp is not None))
+            opt_d.step()  # type: ignore[union-attr]
         opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        logs.update(loss_fn.accumulate_gradients("G", D if adversarial else None, real, fake, y, logits=logits))
         opt_g.step()
-        logs.update(g_logs)
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), G.parameters()):
-                    pe.lerp_(p, 1.0 - config.ema_decay)
-                for be, b in zip(ema.buffers(), G.buffers()):
-                    be.copy_(b)
+        update_ema(ema, G, config.ema_decay)
         step += 1
         bar.update(1)
-        if step % config.log_interval == 0 or step == n_steps:
+        if due(step, config.log_interval, n_steps):
             rows.append([float(step), *(float(logs.get(k, float("nan"))) for k in LOG_FIELDS[1:-2]),
                          config.lr_g * lr_scale, round(time.perf_counter() - t_start, 3)])
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k in ("pixel", "d_loss")})
-        if env.is_main and (step % config.sample_interval == 0 or step == n_steps):
+        if env.is_main and due(step, config.sample_interval, n_steps):
             _save_samples(ema or G, transfer, fixed, out_dir / "samples" / f"step_{step:07d}.png", device, is_mask)
-        if step % config.checkpoint_interval == 0 or step == n_steps:
+        if due(step, config.checkpoint_interval, n_steps):
             if env.is_main:
                 _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d, logs)
                 _write_log(losses, rows)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import resolve_device
-from ..errors import SkdcgnError
+from ..errors import SkdcgnError, first_line
 from ..hashing import sha256_of
 from ..images import check_images
 from ..io import load_tensors, save_tensors, verify_sha256
@@ -373,7 +373,7 @@ def load_inception_extractor(device: torch.device | str = "cpu",
     try:
         model = torch.jit.load(str(path), map_location=resolve_device(device))
     except (RuntimeError, OSError) as e:
-        raise SkdcgnError(f"{path}: could not load the Inception network ({str(e).splitlines()[0][:200]})") from None
+        raise SkdcgnError(f"{path}: could not load the Inception network ({first_line(e)})") from None
     weight = None
     if output_layer is not None:
         weight = output_layer if isinstance(output_layer, Tensor) else load_inception_output_layer(output_layer)

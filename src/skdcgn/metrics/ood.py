@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import resolve_device
-from ..errors import SkdcgnError
+from ..errors import SkdcgnError, first_line
 from ..io import read_json
 
 NUM_IMAGENET_CLASSES = 1000
@@ -119,20 +119,15 @@ def load_image(path: str | Path, preprocess: Callable[[Image.Image], Tensor] = I
         with Image.open(path) as im:
             image = im.convert("RGB")  # also forces the decode: a truncated file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SkdcgnError(f"{path}: unreadable image ({_one_line(e)})") from None
+        raise SkdcgnError(f"{path}: unreadable image ({first_line(e)})") from None
     try:
         x = preprocess(image)
     except (ValueError, OSError) as e:
-        raise SkdcgnError(f"{path}: cannot preprocess ({_one_line(e)})") from None
+        raise SkdcgnError(f"{path}: cannot preprocess ({first_line(e)})") from None
     if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[0] != 3 or not x.is_floating_point():
         raise SkdcgnError(f"{path}: preprocess must return a float tensor [3, H, W], got "
                           f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
     return x
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 # ---- mappings ------------------------------------------------------------------------------------
