@@ -216,6 +216,9 @@ def test_bench_results_merge_runs_and_render(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "## Run `full-cuda`" in md and "## Run `quick-cpu`" in md and "### Hooked" in md
     assert "659,992" in md and "skdcgn bench quick-cpu" in md
+    assert "](images/" not in md  # no figure recorded, no link
+    write_results(tmp_path / "results.md", {**rec, "figure": "images/bench-full-cuda.png"})
+    assert "![cost against quality, full-cuda](images/bench-full-cuda.png)" in (tmp_path / "results.md").read_text()
     import json
     assert set(json.loads((tmp_path / "results.json").read_text())["runs"]) == {"quick-cpu", "full-cuda"}
 

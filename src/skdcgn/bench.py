@@ -33,6 +33,7 @@ import torch
 from .config import config_from_dict, load_presets, preset_values, resolve_device, set_threads, setting
 from .errors import SkdcgnError
 from .io import read_json, write_json
+from .results.figures import plot_bench_cost_vs_fid
 from .results.records import hardware_info
 from .results.render import write_results
 
@@ -235,6 +236,9 @@ def run_bench(preset: str = "quick", device: str = "cpu", teacher: str = "double
         if section:
             record["sections"][name] = section
     record["seconds"] = round(time.time() - t0, 1)
+    figure = Path("images") / f"bench-{record['key']}.png"  # beside `out`, linked from its markdown
+    if plot_bench_cost_vs_fid(record, Path(out).parent / figure):
+        record["figure"] = figure.as_posix()
     write_results(out, record)
     logger.info(f"wrote {out} and {Path(out).with_suffix('.json')} ({record['seconds']:.0f}s)")
     return record

@@ -82,6 +82,8 @@ def render_run(rec: dict) -> list[str]:
     L += _render_cost(rec["cost"])
     if rec.get("quality"):
         L += _render_quality(rec["quality"])
+    if rec.get("figure"):  # written by the bench beside the markdown (`figures.plot_bench_cost_vs_fid`)
+        L += [f"![cost against quality, {rec['key']}]({rec['figure']})", ""]
     for section in rec.get("sections", {}).values():
         L += [f"### {section['title']}", "", section["markdown"].rstrip(), ""]
     return L
