@@ -95,7 +95,10 @@ def broadcast_state(module: nn.Module, env: DistEnv) -> None:
 
 
 def wrap(module: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around `module` (gradients averaged across ranks in backward)."""
+    """DistributedDataParallel around `module` (gradients averaged across ranks in backward);
+    `module` itself when the process runs alone (`env` not enabled)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if not env.enabled:
+        return module
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
