@@ -76,12 +76,18 @@ def test_filter_drops_the_mislabelled_masks_and_writes_a_dataset(tmp_path):
     assert (tmp_path / "clean" / "manifest.json").stat().st_mtime_ns == mtime
     with pytest.raises(SkdcgnError, match="other settings"):
         filter_labels(data, tmp_path / "clean", cfg, folds=3, progress=False)
+    # fold classifiers that learnt nothing would flag most masks: refused, naming their accuracy
+    weak = ClassifierConfig(arch="mnist_example", epochs=1, batch_size=8, max_steps=1, lr=1e-6)
+    with pytest.raises(SkdcgnError, match=r"masks flagged, more than max_flagged=0.25; .* read only .*% of held-out"):
+        filter_labels(data, tmp_path / "weak", weak, folds=2, progress=False)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     data = _dataset(tmp_path / "cf")
     with pytest.raises(SkdcgnError, match="folds"):
         filter_labels(data, tmp_path / "o", folds=1)
+    with pytest.raises(SkdcgnError, match="max_flagged"):
+        filter_labels(data, tmp_path / "o", max_flagged=0)
     with pytest.raises(SkdcgnError, match="do not share a label"):
         filter_labels(data, tmp_path / "o", per_shape=3)
     assert main(["label-noise", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2

@@ -105,7 +105,8 @@ def label_issues(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: ClassifierConfig | None = None,
-                  folds: int = 2, per_shape: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+                  folds: int = 2, per_shape: int | None = None, max_flagged: float = 0.25, progress: bool = True,
+                  overwrite: bool = False) -> dict:
     """Write `data` (a counterfactual dataset folder) without the composites of masks that
     confident learning flags as label issues (module doc) into `out_dir`; returns the summary
     (masks, flagged masks, images kept, flagged fraction per class).
@@ -114,6 +115,10 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
     paper protocol; give a cheaper one for quick runs); its seed draws the folds and, derived
     per fold, the fold classifiers.
     folds: 2–20 folds of masks. per_shape: composites per mask (default: the dataset's manifest).
+    max_flagged: the largest fraction of masks, in (0, 1], that may be dropped; more means the fold
+    classifiers are too weak to tell a mislabelled mask from one they did not learn (confident
+    learning assumes good out-of-sample probabilities), and is refused in one line that gives their
+    out-of-fold accuracy: train them longer.
     The fold classifiers resume after an interruption; a finished folder of the same settings and
     source is returned as is; one of other settings is refused unless `overwrite`. Raises
     `SkdcgnError` for a bad dataset or setting.
@@ -121,6 +126,8 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
     data, out = Path(data), Path(out_dir)
     if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= 20:
         raise SkdcgnError(f"folds: expected an integer in [2, 20], got {folds!r}")
+    if not 0 < max_flagged <= 1:
+        raise SkdcgnError(f"max_flagged: expected a fraction in (0, 1], got {max_flagged!r}")
     config = config or ClassifierConfig()
     config.validate()
     source = read_json(data / MANIFEST) if (data / MANIFEST).is_file() else None
@@ -137,7 +144,7 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
         raise SkdcgnError(f"{data}: {n_groups} masks are too few for {folds} folds")
     seed = config.seed
     stage = {"stage": "label_noise_filter", "source": data_hash(images, labels), "per_shape": per_shape,
-             "folds": folds, "classifier": identity(config)}
+             "folds": folds, "max_flagged": max_flagged, "classifier": identity(config)}
     with folder_lock(out):
         if stage_complete(out, stage):
             return read_json(out / MANIFEST)["summary"]
@@ -158,6 +165,11 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
         group_probs = group_mean(probs, groups, n_groups)                   # [G, K]
         group_labels = labels[torch.arange(n_groups) * per_shape]            # [G]
         issue, read, thresholds = label_issues(group_probs, group_labels)
+        oof_accuracy = float((group_probs.argmax(1) == group_labels).float().mean())
+        if float(issue.float().mean()) > max_flagged:
+            raise SkdcgnError(f"{out}: {int(issue.sum())} of {n_groups} masks flagged, more than max_flagged="
+                              f"{max_flagged}; the fold classifiers read only {100 * oof_accuracy:.1f}% of held-out "
+                              "masks as their label: train them longer (epochs, max_steps) before filtering")
         keep = ~issue[groups]                                                # [N]
         save_tensors(out / SCORES, {"labels": group_labels, "probabilities": group_probs, "issue": issue.to(torch.uint8),
                                     "read": read, "thresholds": thresholds})
@@ -166,6 +178,7 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
         per_class = [round(float(issue[group_labels == c].float().mean()) if (group_labels == c).any() else 0.0, 4)
                      for c in range(k)]
         summary = {"masks": n_groups, "flagged_masks": int(issue.sum()), "images": n, "kept_images": int(keep.sum()),
+                   "out_of_fold_accuracy": round(oof_accuracy, 4),
                    "flagged_fraction": round(float(issue.float().mean()), 4), "flagged_by_class": per_class,
                    "seconds": round(time.perf_counter() - t0, 1)}
         logger.info("label noise: %d of %d masks flagged (%.1f%%); %d of %d images kept", summary["flagged_masks"],

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=2, help="folds of masks, 2-20 (default 2)")
     p.add_argument("--per-shape", type=int, default=None,
                    help="composites per mask (default: the dataset's manifest)")
+    p.add_argument("--max-flagged", type=float, default=0.25,
+                   help="refuse to drop more than this fraction of masks (weak fold classifiers; default 0.25)")
     p.add_argument("--overwrite", action="store_true", help="replace a filtered dataset in --out made otherwise")
     add_config_arguments(p, ClassifierConfig)  # the fold classifiers' training; --seed: folds too
     p.set_defaults(func=_run)
@@ -34,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     if write_dumped_config(args, config):
         return 0
     s = filter_labels(args.data, args.out, config, folds=args.folds, per_shape=args.per_shape,
+                      max_flagged=args.max_flagged,
                       overwrite=args.overwrite)
     print(f"wrote {args.out}: {s['flagged_masks']} of {s['masks']} masks flagged ({100 * s['flagged_fraction']:.1f}%), "
           f"{s['kept_images']} of {s['images']} images kept; see {args.out}/flagged.png")
