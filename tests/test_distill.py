@@ -137,6 +137,12 @@ def test_distill_end_to_end_writes_loadable_students_and_skips_when_done(tiny_te
     assert 0 <= result["mechanisms"]["shape"]["iou@0.5"] <= 1
     for name in ("eval.json", "compare_shape.png", "compare_composite.png"):
         assert (tmp_path / "distill" / name).is_file()
+    # the learning curve: one entry per weight snapshot (sample_interval 3 of 6 steps), the last one the student's
+    curve = result["mechanisms"]["shape"]["curve"]
+    assert [c["step"] for c in curve] == [3, 6]
+    assert curve[-1]["iou@0.5"] == pytest.approx(result["mechanisms"]["shape"]["iou@0.5"])
+    assert 0 <= curve[0]["binariness"] <= 1 and 0 < curve[0]["teacher_binariness"] <= 1
+    assert [c["step"] for c in result["mechanisms"]["foreground"]["curve"]] == [3, 6]
     students = load_cgn(f"students:{tmp_path}")
     m, f, b, x = students.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
     assert m.shape == (4, 1, 32, 32) and x.shape == (4, 3, 32, 32)

@@ -173,3 +173,20 @@ def test_bench_record_cost_vs_fid(tmp_path):
     with pytest.raises(SkdcgnError, match="quick-cpu"):
         plot_bench_cost_vs_fid({**record, "quality": {"rows": [{"unit": "shape", "pair": "student vs teacher"}]}},
                                tmp_path / "bad.png")
+
+
+def test_distillation_learning_curves(tmp_path):
+    from skdcgn.results.figures import plot_distillation_curves
+
+    ev = tmp_path / "eval.json"
+    assert not plot_distillation_curves(ev, tmp_path / "c.png")  # no evaluation yet
+    shape = [{"step": s, "l1": 0.3 / s, "iou@0.5": 0.2 * s, "binariness": 0.3 * s, "soft_fraction": 0.1,
+              "teacher_binariness": 0.95} for s in (1, 2, 3)]
+    write_json(ev, {"mechanisms": {"shape": {"l1": 0.1}}})
+    assert not plot_distillation_curves(ev, tmp_path / "c.png")  # students evaluated before curves existed
+    write_json(ev, {"mechanisms": {"shape": {"curve": shape}, "foreground": {"curve": [{"step": 3, "l1": 0.5}]}}})
+    assert plot_distillation_curves(ev, tmp_path / "c.png")
+    _png(tmp_path / "c.png")
+    write_json(ev, {"mechanisms": {"shape": {"curve": [{"step": 1}]}}})
+    with pytest.raises(SkdcgnError, match="eval.json: not a distillation evaluation with learning curves"):
+        plot_distillation_curves(ev, tmp_path / "bad.png")

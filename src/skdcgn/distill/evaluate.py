@@ -13,13 +13,16 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import SkdcgnError, first_line
 from ..grids import image_grid, save_png, stack_grids
-from ..io import MANIFEST, read_json, write_json
+from ..io import MANIFEST, load_tensors, read_json, write_json
+from ..metrics.masks import sharpness
 from ..models.cgn import CGN, MECHANISMS
 from ..metrics.cost import throughput, unit_fn
 from ..models.pretrained import load_model
 
 EVAL_FILE = "eval.json"
+SNAPSHOTS = "snapshots"  # in a student's folder: its weights at each sample step (`learning_curve`)
 
 
 class EvalSettings(Protocol):
@@ -44,23 +47,54 @@ def compare_mechanism(teacher: nn.Module, student: nn.Module, name: str, n: int,
 
     `n` inputs are drawn from `seed`: y uniform in [0, n_classes), u standard normal
     [n, latent_dim]. Returns {"l1": mean absolute per-pixel difference (mask values in [0, 1],
-    textures in [-1, 1]), "n", "seed"}, plus "iou@0.5" (mean `mask_iou`) when `name` is "shape".
+    textures in [-1, 1]), "n", "seed"}, plus, when `name` is "shape", "iou@0.5" (mean
+    `mask_iou`) and the masks' `metrics.masks.sharpness` of student and teacher ("binariness",
+    "soft_fraction", "teacher_binariness", "teacher_soft_fraction").
     """
     device = next(student.parameters()).device
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, student.config.n_classes, (n,), generator=g)
     u = torch.randn(n, student.config.latent_dim, generator=g)
-    l1, iou = [], []
+    l1, iou, masks_t, masks_s = [], [], [], []
     for s in range(0, n, batch_size):
         ub, yb = u[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
         t, o = teacher(ub, yb).float().cpu(), student(ub, yb).float().cpu()
         l1.append((t - o).abs().flatten(1).mean(1))
         if name == "shape":
             iou.append(mask_iou(t, o))
+            masks_t.append(t)
+            masks_s.append(o)
     out = {"l1": torch.cat(l1).mean().item(), "n": n, "seed": seed}
     if iou:
         out["iou@0.5"] = torch.cat(iou).mean().item()
+        out.update(sharpness(torch.cat(masks_s)))
+        out.update({f"teacher_{k}": v for k, v in sharpness(torch.cat(masks_t)).items()})
     return out
+
+
+CURVE_SAMPLES = 500  # held-out inputs per snapshot: a learning curve is a trend, the final entry is exact
+
+
+@torch.no_grad()
+def learning_curve(teacher: nn.Module, student: nn.Module, name: str, snapshots: Sequence[Path], n: int, seed: int,
+                   batch_size: int = 500) -> list[dict[str, float]]:
+    """`compare_mechanism` for each weight snapshot of a student (`snapshots/step_<N>.safetensors`,
+    written by the trainer at each sample step), in step order: [{"step", "l1", ...}]. `student` is
+    a model of the snapshots' architecture; its weights are restored afterwards. Raises
+    `SkdcgnError` for a snapshot that does not fit it."""
+    final = {k: v.clone() for k, v in student.state_dict().items()}
+    curve = []
+    try:
+        for path in sorted(snapshots, key=lambda p: int(p.stem.split("_")[-1])):
+            student.load_state_dict(load_tensors(path), strict=True)
+            entry = compare_mechanism(teacher, student.eval(), name, n, seed, batch_size)
+            curve.append({"step": int(path.stem.split("_")[-1]),
+                          **{k: v for k, v in entry.items() if k not in ("n", "seed")}})
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SkdcgnError(f"{path}: not a snapshot of this student ({first_line(e)})") from None
+    finally:
+        student.load_state_dict(final)
+    return curve
 
 
 def composites_per_second(cgn: CGN, batch_size: int = 256, repeats: int = 5) -> float:
@@ -96,6 +130,10 @@ def evaluate_distillation(teacher_cgn: CGN, run_dir: str | os.PathLike, config: 
     for m in mechanisms:
         s = students[m]
         entry = compare_mechanism(teacher[m], s, m, config.n_eval, config.eval_seed, batch_size=eval_batch)
+        snapshots = list((out_dir / "students" / m / SNAPSHOTS).glob("step_*.safetensors"))
+        if snapshots:
+            entry["curve"] = learning_curve(teacher[m], s, m, snapshots, min(config.n_eval, CURVE_SAMPLES),
+                                            config.eval_seed, batch_size=eval_batch)
         entry["params"] = s.get_num_params()
         entry["teacher_params"] = teacher[m].get_num_params()
         previous = result["mechanisms"].get(m, {})

@@ -6,7 +6,9 @@ writes, per mechanism m,
 
     runs/NAME/transfer/m/                     shards + manifest.json (see query.py)
     runs/NAME/distill/students/m/             config.json + model.safetensors + manifest.json,
-                                              checkpoint.safetensors, losses.csv, samples/step_*.png
+                                              checkpoint.safetensors, losses.csv, samples/step_*.png,
+                                              snapshots/step_*.safetensors (the student's weights at
+                                              each sample step: its learning curve, `evaluate`)
     runs/NAME/distill/eval.json, compare_*.png
 
 Each stage is skipped when its manifest matches the config, and resumes from its checkpoint
@@ -46,15 +48,15 @@ from ..runlog import MetricsLog
 from ..training import cosine_scale, due, restore, set_lr, update_ema, usable_checkpoint
 from ..hashing import derive_seed
 from ..grids import image_grid, save_png, stack_grids
-from ..io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings,
-                  remove_stale_temporaries, stage_complete, verify_manifest, write_manifest)
+from ..io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, remove_stale_temporaries,
+                  save_tensors, stage_complete, verify_manifest, write_manifest)
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
 from ..models.students import StudentConfig, StudentGenerator, make_student
 from .losses import PIXEL_LOSSES, DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
-from .evaluate import evaluate_distillation
+from .evaluate import SNAPSHOTS, evaluate_distillation
 from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, query_teacher, transfer_config
 
 CHECKPOINT = "checkpoint.safetensors"  # skdcgn.checkpoint's format
@@ -294,8 +296,8 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
         if env.is_main:  # (rank 0 writes the folder; the others wait for it)
             for name in (MANIFEST, CHECKPOINT, LEGACY_CHECKPOINT, "losses.csv", "model.safetensors", "config.json"):
                 (out_dir / name).unlink(missing_ok=True)
-            for png in (out_dir / "samples").glob("step_*.png"):
-                png.unlink()
+            for old in [*(out_dir / "samples").glob("step_*.png"), *(out_dir / SNAPSHOTS).glob("step_*.safetensors")]:
+                old.unlink()
         barrier(env)
         state = None
     n_steps = config.steps_for(mechanism)
@@ -366,6 +368,8 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k in ("pixel", "d_loss")})
         if env.is_main and due(step, config.sample_interval, n_steps):
             _save_samples(ema or G, transfer, fixed, out_dir / "samples" / f"step_{step:07d}.png", device, is_mask)
+            save_tensors(out_dir / SNAPSHOTS / f"step_{step:07d}.safetensors",
+                         {k: v.detach().cpu().contiguous() for k, v in (ema or G).state_dict().items()})
         if due(step, config.checkpoint_interval, n_steps):
             if env.is_main:
                 _save_checkpoint(ckpt, stage, step, rows, time.perf_counter() - t_start, G, D, ema, opt_g, opt_d, logs)

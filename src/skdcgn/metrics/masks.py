@@ -40,6 +40,13 @@ class MaskHealthThresholds:
     min_readable: float = 0.5
 
 
+def sharpness(masks: Tensor) -> dict[str, float]:
+    """How binary masks [N, 1, H, W] in [0, 1] are: {"binariness": 1 − mean 4·m·(1 − m) (1 for
+    0/1 masks, 0 for m ≡ 0.5), "soft_fraction": fraction of pixels with 0.1 < m < 0.9}."""
+    m = masks.float()
+    return {"binariness": float(1 - (4 * m * (1 - m)).mean()), "soft_fraction": float(((m > 0.1) & (m < 0.9)).float().mean())}
+
+
 @torch.no_grad()
 def mask_health_from_masks(masks: Tensor, labels: Tensor, predict: Callable[[Tensor], Tensor],
                            n_classes: int = 10, thresholds: MaskHealthThresholds = MaskHealthThresholds()) -> dict:
@@ -60,8 +67,7 @@ def mask_health_from_masks(masks: Tensor, labels: Tensor, predict: Callable[[Ten
             "class": k,
             "n": int(sel.sum()),
             "area": float(m.mean()),
-            "binariness": float(1 - (4 * m * (1 - m)).mean()),
-            "soft_fraction": float(((m > 0.1) & (m < 0.9)).float().mean()),
+            **sharpness(m),
             "readable": float((pred[sel] == k).float().mean()),
         }
         reasons = []

@@ -212,6 +212,46 @@ def plot_teacher_losses(losses_csv: Path, out: Path, title: str = "teacher train
     return True
 
 
+def plot_distillation_curves(eval_json: Path, out: Path, title: str = "distillation") -> bool:
+    """Learning curves of the students of a distillation's eval.json (`distill.evaluate`, from the
+    weight snapshots taken at each sample step), against the training step: held-out L1 to the
+    teacher per mechanism (left); for the shape student, IoU@0.5 with the teacher's masks and the
+    masks' binariness, the teacher's binariness dashed (right). Returns False (nothing written)
+    without the file or without curves; raises `SkdcgnError` naming the file when it is malformed."""
+    if not eval_json.is_file():
+        return False
+    try:
+        mechanisms = read_json(eval_json).get("mechanisms", {})
+        curves = {m: [(_number(c["step"]), c) for c in e["curve"]] for m, e in mechanisms.items()
+                  if isinstance(e, dict) and e.get("curve")}
+        if not curves:
+            return False
+        fig = Figure(figsize=(11, 3.6))
+        left, right = fig.subplots(1, 2)
+        for m, curve in curves.items():
+            left.plot([s for s, _ in curve], [_number(c["l1"]) for _, c in curve], "o-", ms=3, lw=1, label=m)
+        shape = curves.get("shape", [])
+        if shape:
+            steps = [s for s, _ in shape]
+            right.plot(steps, [_number(c["iou@0.5"]) for _, c in shape], "o-", ms=3, lw=1, label="IoU@0.5 with the teacher")
+            right.plot(steps, [_number(c["binariness"]) for _, c in shape], "s-", ms=3, lw=1, label="binariness (student)")
+            right.axhline(_number(shape[-1][1]["teacher_binariness"]), ls="--", color="grey", lw=1,
+                          label="binariness (teacher)")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise _bad(eval_json, "a distillation evaluation with learning curves", e) from None
+    left.set_title("held-out L1 to the teacher (masks in [0, 1], textures in [-1, 1])", fontsize=9)
+    right.set_title("shape student: masks", fontsize=9)
+    right.set_ylim(0, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_fig(fig, out)
+    return True
+
+
 # ---- cost against quality -----------------------------------------------------------------------
 
 

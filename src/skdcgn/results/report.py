@@ -18,7 +18,8 @@ from ..errors import SkdcgnError
 from ..runlog import read_table
 from ..io import read_json, write_bytes
 from ..models.cgn import MECHANISMS
-from .figures import plot_classifier_curves, plot_cost_vs_accuracy, plot_teacher_losses, save_fig as _save_fig
+from .figures import (plot_classifier_curves, plot_cost_vs_accuracy, plot_distillation_curves, plot_teacher_losses,
+                      save_fig as _save_fig)
 from .records import format_mean_std
 from .render import format_table, table_rows
 
@@ -130,7 +131,8 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
 
     The figures, each drawn only when its artifacts are there: `cost_quality.png` (CGN parameters
     against the OOD accuracy of `teacher_cf` / `student_cf`, `figures.plot_cost_vs_accuracy`), and
-    per variant `teacher/train/losses.png` (a trained teacher's losses), `distill/losses.png`,
+    per variant `teacher/train/losses.png` (a trained teacher's losses), `distill/curves.png` (the
+    students' held-out learning curves, `figures.plot_distillation_curves`), `distill/losses.png`,
     `classifiers/curves.png` (train loss and OOD accuracy per epoch, `figures.plot_classifier_curves`).
     Raises `SkdcgnError` if `summary` is malformed (`check_summary`) or an artifact it reads is.
     """
@@ -160,6 +162,9 @@ def write_run_report(run_dir: str | os.PathLike, summary: dict) -> Path:
             img = vdir / "distill" / f"compare_{name}.png"
             if img.is_file():
                 parts.append(f"<h4>teacher | student: {name}</h4><img src='{v}/distill/compare_{name}.png'>")
+        if plot_distillation_curves(ev, vdir / "distill" / "curves.png", title=f"{v}: students' learning curves"):
+            parts.append(f"<h3>Students' learning curves (held-out, against the teacher)</h3>"
+                         f"<img src='{v}/distill/curves.png'>")
         if _plot_losses(vdir, vdir / "distill" / "losses.png"):
             parts.append(f"<h3>Distillation losses</h3><img src='{v}/distill/losses.png'>")
         if plot_classifier_curves(vdir, v, res, vdir / "classifiers" / "curves.png", all_rows):
