@@ -15,7 +15,10 @@ from skdcgn.errors import SkdcgnError
 
 # The PRESETS tables as literal dicts on commit 3312527 (bench: dataclasses.asdict of each
 # BenchPreset); the YAML files in src/skdcgn/configs/ must load to exactly these.
-LITERAL_PRESETS = {'distill': {'quick': {'n_transfer': 6000,
+LITERAL_PRESETS = {'distill': {'long': {'n_transfer': 100000, 'shard_size': 10000, 'steps': 20000,
+                                'texture_steps': 10000, 'batch_size': 128, 'ema_decay': 0.999, 'n_eval': 2000,
+                                'sample_interval': 1000, 'checkpoint_interval': 1000, 'log_interval': 100},
+                       'quick': {'n_transfer': 6000,
                        'shard_size': 3000,
                        'steps': 500,
                        'texture_steps': 250,

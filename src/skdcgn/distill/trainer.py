@@ -167,7 +167,7 @@ class DistillConfig:
         return cfg
 
 
-# quick (the smoke run), default, tiny (unit tests), imagenet-256/-128 (GPUs under torchrun), imagenet-tiny:
+# quick (the smoke run), default, long (GPU minutes, CPU overnight), tiny (unit tests), imagenet-256/-128 (GPUs under torchrun), imagenet-tiny:
 # one YAML file each in skdcgn/configs/distill/, with what it is for
 PRESETS: dict[str, dict] = load_presets("distill", DistillConfig)
 
