@@ -13,7 +13,7 @@ from ..data.variants import VARIANTS
 from .._version import __version__
 from ..errors import SkdcgnError
 from ..io import config_hash, read_json, write_bytes, write_json
-from .records import HYBRID_TRAINING_SETS, TRAINING_SETS, data_build, format_mean_std
+from .records import ALL_TRAINING_SETS, data_build, format_mean_std
 
 
 def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> list[str]:
@@ -193,7 +193,7 @@ def _render_masks(health: dict) -> list[str]:
 def table_rows(results: dict) -> list[str]:
     """The rows present in `results`, in the table's order (JSON files keep keys sorted)."""
     names = {r for v in results.values() for r in v["table"]}
-    order = [*TRAINING_SETS, *HYBRID_TRAINING_SETS, *(f"study_{c}" for c in COMPOSERS)]
+    order = [*ALL_TRAINING_SETS, *(f"study_{c}" for c in COMPOSERS)]
     return [r for r in order if r in names] + sorted(names - set(order))
 
 
