@@ -356,6 +356,8 @@ def test_stream_rows_train_as_many_steps_as_the_stored_rows(tiny_run, tmp_path):
 
     longer = tmp_path / "stream2x"
     assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(longer), "--quiet", "--students",
-                 str(run_dir), "--rows", "student_stream", "--stream-budget", "2", "--threads", "1"]) == 0
-    assert read_json(longer / "colored" / "classifiers" / "student_stream" / "seed0" / "manifest.json")["log"][-1]["steps"] == 2 * steps
-    assert "-student_stream-stream2x" in record_key(read_json(longer / "results.json"), "tiny")
+                 str(run_dir), "--rows", "student_stream", "--stream-budget", "2", "--stream-per-shape", "1",
+                 "--threads", "1"]) == 0
+    manifest = read_json(longer / "colored" / "classifiers" / "student_stream" / "seed0" / "manifest.json")
+    assert manifest["log"][-1]["steps"] == 2 * steps and manifest["config"]["stream"]["per_shape"] == 1
+    assert "-student_stream-stream2x-stream-per-shape1" in record_key(read_json(longer / "results.json"), "tiny")

@@ -26,6 +26,7 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,9 @@ from .results.records import (ALL_TRAINING_SETS, STREAM_TRAINING_SETS, TRAINING_
                               hardware_info, mean_std)
 from .results.render import write_results
 from .results.report import write_run_report
+
+if TYPE_CHECKING:
+    from .counterfactuals import CounterfactualStream
 
 logger = logging.getLogger(__name__)
 STUDY_COMPOSERS = tuple(c for c in COMPOSERS if c != "standard")  # the composition study's variants
@@ -75,6 +79,9 @@ class RunConfig:
     stream_budget: int = setting(1, lo=1, hi=1000, unit="×",
                                  help="the stream rows train for this many times the stored rows' steps (steps per "
                                       "epoch and max steps both scaled: the same learning-rate schedule, stretched)")
+    stream_per_shape: int = setting(0, lo=0, hi=1000, unit="images",
+                                    help="composites per mask in a stream row's batch; 0: per_shape (the stored recipe); "
+                                         "1: every composite of a batch has its own mask")
     eval_examples: int = setting(10_000, lo=10, hi=10**6, unit="images", help="images per split used for the accuracy table")
     device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
     threads: int = setting(0, lo=0, hi=1024, identity=False, unit="threads",
@@ -278,18 +285,19 @@ def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
     return {"seeds": seeds, "mean": [round(statistics.fmean(v), 2) for v in zip(*curves)]}
 
 
-def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = None):
+def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = None) -> CounterfactualStream:
     """The `CounterfactualStream` of a stream row's classifier `seed`: the stored sets' recipe
-    (`per_shape`, standard composer, counterfactual classes), seeded with the classifier's seed
-    (config.seed + seed), and as many steps per epoch as a stored row trains on (its
-    min(n_counterfactuals, classifier_max_examples) images at batch 64) times `stream_budget`."""
+    (`per_shape` composites per mask, or `stream_per_shape` when set; standard composer,
+    counterfactual classes), seeded with the classifier's seed (config.seed + seed), with as many
+    steps per epoch as a stored row trains on (its min(n_counterfactuals, classifier_max_examples)
+    images at batch 64) times `stream_budget`. Raises `SkdcgnError` for a bad setting."""
     from .counterfactuals import CounterfactualStream
     from .invariance import ClassifierConfig
 
     n = min(config.n_counterfactuals, config.classifier_max_examples or config.n_counterfactuals)
     steps = -(-n // ClassifierConfig.batch_size) * config.stream_budget
-    return CounterfactualStream(cgn, per_shape=config.per_shape, seed=config.seed + seed, steps_per_epoch=steps,
-                                cgn_name=cgn_name)
+    return CounterfactualStream(cgn, per_shape=config.stream_per_shape or config.per_shape, seed=config.seed + seed,
+                                steps_per_epoch=steps, cgn_name=cgn_name)
 
 
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
@@ -369,8 +377,9 @@ def record_key(summary: dict, preset: str) -> str:
     rows = tuple(cfg.get("rows", TRAINING_SETS))
     if rows != TRAINING_SETS:
         key += "-" + "+".join(rows)
-    if cfg.get("stream_budget", 1) != 1 and set(rows) & set(STREAM_TRAINING_SETS):
-        key += f"-stream{cfg['stream_budget']}x"
+    if set(rows) & set(STREAM_TRAINING_SETS):
+        key += f"-stream{cfg['stream_budget']}x" if cfg.get("stream_budget", 1) != 1 else ""
+        key += f"-stream-per-shape{cfg['stream_per_shape']}" if cfg.get("stream_per_shape", 0) else ""
     seeds = cfg["seeds"]
     if seeds != PRESETS.get(preset, {}).get("seeds", RunConfig.seeds):
         key += f"-{seeds}seed" + ("s" if seeds > 1 else "")
