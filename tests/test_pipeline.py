@@ -118,6 +118,8 @@ def test_record_keys_say_what_differs_from_the_preset():
     partial = summary("default")
     partial["config"].update(rows=["teacher_cf", "student_cf"], seeds=1)
     assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-1seed"
+    partial["config"].update(per_shape=1)  # other counterfactual sets: their own record
+    assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-per-shape1-1seed"
 
 
 def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):

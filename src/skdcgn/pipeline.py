@@ -377,6 +377,9 @@ def record_key(summary: dict, preset: str) -> str:
     rows = tuple(cfg.get("rows", TRAINING_SETS))
     if rows != TRAINING_SETS:
         key += "-" + "+".join(rows)
+    per_shape = cfg.get("per_shape", RunConfig.per_shape)
+    if per_shape != PRESETS.get(preset, {}).get("per_shape", RunConfig.per_shape):  # other counterfactual sets
+        key += f"-per-shape{per_shape}"
     if set(rows) & set(STREAM_TRAINING_SETS):
         key += f"-stream{cfg['stream_budget']}x" if cfg.get("stream_budget", 1) != 1 else ""
         key += f"-stream-per-shape{cfg['stream_per_shape']}" if cfg.get("stream_per_shape", 0) else ""
