@@ -17,7 +17,7 @@ LAYERS = [
     (0, ["skdcgn._version", "skdcgn.errors", "skdcgn.io", "skdcgn.config", "skdcgn.images", "skdcgn.grids",
          "skdcgn.compose", "skdcgn.checkpoint", "skdcgn.hashing", "skdcgn.runlog"]),
     (1, ["skdcgn.models", "skdcgn.data", "skdcgn.api"]),
-    (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.invariance", "skdcgn.teacher_training",
+    (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.imagenet_counterfactuals", "skdcgn.invariance", "skdcgn.teacher_training",
          "skdcgn.metrics"]),
     (3, ["skdcgn.results"]),
     (4, ["skdcgn.pipeline", "skdcgn.bench"]),
