@@ -180,6 +180,13 @@ def test_not_a_tar_and_bad_arguments_are_one_line_errors(cgn, tmp_path):
         with pytest.raises(SkdcgnError, match=message):
             write_counterfactual_tars(cgn, tmp_path / "never", **{"n": 6, "progress": False, **kw})
     assert not (tmp_path / "never").exists()
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "shard-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(SkdcgnError, match=r"shard-\*.tar files without a progress.json"):
+        write_counterfactual_tars(cgn, tmp_path / "foreign", n=3, per_shape=3, progress=False)
+    assert (tmp_path / "foreign" / "shard-000000.tar").read_bytes() == b"someone else's"
+    write_counterfactual_tars(cgn, tmp_path / "foreign", n=3, per_shape=3, progress=False, overwrite=True)
+    assert len(list(iter_shard_samples(tmp_path / "foreign"))) == 3
 
 
 def test_cli_bad_input_is_one_line_and_students_have_no_truncation(tmp_path, capsys):

@@ -312,6 +312,13 @@ class _Job:
                     break
                 if marker == MANIFEST:
                     recorded = recorded_digests(record)  # a shard changed since: written again
+        unknown = not any((out_dir / m).is_file() for m in (MANIFEST, PROGRESS)) and out_dir.is_dir() \
+            and any(SHARD_NAME.match(p.name) for p in out_dir.glob("shard-*.tar"))
+        if unknown:  # progress.json comes before any shard: these are someone else's
+            if not self.overwrite:
+                raise SkdcgnError(f"{out_dir} holds shard-*.tar files without a {PROGRESS} or {MANIFEST} (not written by "
+                                  "this command); choose another folder or overwrite them (--overwrite)")
+            replace = True
         if collective:
             torch.distributed.barrier()  # nobody reads the markers while rank 0 rewrites them
         n_shards, names = self.n_shards, [SHARD_PATTERN.format(i) for i in range(self.n_shards)]
@@ -324,7 +331,7 @@ class _Job:
                 stale.unlink(missing_ok=True)
             for p in out_dir.glob("shard-*.tar"):
                 if SHARD_NAME.match(p.name) and p.name not in names:
-                    p.unlink()  # shards of a larger set of these settings, written before
+                    p.unlink()  # not part of this set (left by one whose records were removed)
             write_json(out_dir / PROGRESS, {"config": config, "cgn": self.cgn_name})
         if collective:
             torch.distributed.barrier()
