@@ -210,6 +210,11 @@ def test_cli_bad_input_is_one_line_and_students_have_no_truncation(tmp_path, cap
     assert "--truncation applies to --format tar only" in capsys.readouterr().err
     assert main(["counterfactuals", "--cgn", "colored", "--format", "tar", "--n", "6", "--out", str(tmp_path / "o")]) == 2
     assert "shifts its texture" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:  # one safetensors set is written by one process
+        mp.setenv("WORLD_SIZE", "2")
+        mp.setenv("RANK", "1")
+        assert main(["counterfactuals", "--cgn", "colored", "--n", "6", "--out", str(tmp_path / "o")]) == 2
+    assert "write --format tar only" in capsys.readouterr().err
     assert main(base + ["--classes", "2-4"]) == 0  # students write a set
     assert {int(c) for _, y in iter_shard_samples(tmp_path / "out") for c in y} <= {2, 3, 4}
 

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = generate_counterfactuals(cgn, args.out, n=args.n, per_shape=args.per_shape, seed=args.seed,
                                    composer=args.composer, counterfactual=args.counterfactual,
-                                   shard_size=args.shard_size or 10_000, cgn_name=args.cgn, overwrite=args.overwrite,
+                                   shard_size=10_000 if args.shard_size is None else args.shard_size, cgn_name=args.cgn, overwrite=args.overwrite,
                                    progress=args.progress)
     print(f"wrote {out} ({args.n} images, preview {out / 'preview.png'}) in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -92,7 +92,7 @@ def _run_tar(args: argparse.Namespace, device) -> int:
         out = write_counterfactual_tars(cgn, args.out, n=args.n, per_shape=args.per_shape, seed=args.seed,
                                         truncation=args.truncation, classes=args.classes,
                                         image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-                                        counterfactual=args.counterfactual, shard_size=args.shard_size or 1000,
+                                        counterfactual=args.counterfactual, shard_size=1000 if args.shard_size is None else args.shard_size,
                                         batch_size=args.batch_size, cgn_name=args.cgn, overwrite=args.overwrite,
                                         progress=args.progress, rank=env.rank, world_size=env.world_size)
     finally:
