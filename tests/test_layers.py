@@ -18,7 +18,7 @@ LAYERS = [
          "skdcgn.compose", "skdcgn.checkpoint", "skdcgn.hashing", "skdcgn.runlog"]),
     (1, ["skdcgn.models", "skdcgn.data", "skdcgn.api"]),
     (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.invariance", "skdcgn.teacher_training",
-         "skdcgn.metrics"]),
+         "skdcgn.metrics", "skdcgn.imagenet_classifier"]),
     (3, ["skdcgn.results"]),
     (4, ["skdcgn.pipeline", "skdcgn.bench"]),
     (5, ["skdcgn.cli", "skdcgn.commands", "skdcgn._console", "skdcgn.__main__"]),

@@ -19,7 +19,7 @@ from typing import Iterator
 from ._version import __version__
 from .errors import SkdcgnError
 
-COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
+COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "classify", "imagenet", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
