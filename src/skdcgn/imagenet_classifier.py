@@ -392,9 +392,11 @@ class StoredCounterfactuals:
             items = [self._item(step * n + j, seed) for j in range(n)][env.rank * per:(env.rank + 1) * per]
         else:
             items = [self._item(first + j, seed) for j in range(per)]
+        labels = torch.stack([y for _, y in items]).to(device, non_blocking=True)
+        if len({(x.dtype, tuple(x.shape)) for x, _ in items}) == 1:  # one batch: converted and resized on the device
+            return _resize(to_float(torch.stack([x for x, _ in items]).to(device, non_blocking=True)), self.size), labels
         images = torch.stack([_resize(to_float(x)[None], self.size)[0] for x, _ in items])
-        labels = torch.stack([y for _, y in items])
-        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return images.to(device, non_blocking=True), labels
 
 
 class StreamedCounterfactuals:

@@ -97,7 +97,9 @@ def _train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = train_ensemble(real, cf, config, args.out, backbone=args.backbone, progress=not args.quiet,
                            overwrite=args.overwrite)
-    if model is not None:
+    from ..distill.distributed import dist_env
+
+    if model is not None and dist_env().is_main:  # under torchrun, one line from rank 0
         print(f"wrote {args.out} ({model.get_num_params():,} parameters, {config.steps} steps, "
               f"{time.perf_counter() - t0:.1f} s)")
     return 0
