@@ -275,3 +275,23 @@ def test_cli_trains_then_scores_in9_and_cue_conflict(tmp_path, capsys):
     assert main(["imagenet", "in9", "--classifier", str(out), "--root", str(tmp_path / "nope"), "--mapping",
                  str(mapping), "--quiet"]) == 2
     assert "IN-9 folder not found" in capsys.readouterr().err
+
+
+def test_throughput_benchmark_runs_at_tiny_size(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "imagenet_classifier_throughput.py"
+    spec = importlib.util.spec_from_file_location("imagenet_classifier_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "t.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--workers", "0",
+                       "--sources", "stored", "students", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    runs = {r["source"]: r for r in record["runs"]}
+    assert list(runs) == ["real", "stored", "students"]  # the real-only run is always measured first
+    assert runs["real"]["counterfactuals_per_step"] == 0 and runs["students"]["counterfactuals_per_step"] == 8
+    for r in runs.values():
+        assert r["images_per_s"] > 0
+        assert r["ratio_to_real"] == pytest.approx(r["images_per_s"] / runs["real"]["images_per_s"], rel=1e-3)
+    assert "| students | 16 |" in out.with_suffix(".md").read_text()
