@@ -278,8 +278,8 @@ class _StepBatches:
 class CounterfactualSource(Protocol):
     """Counterfactuals for the classifier's step: `batch(step, n, seed, env, device)` returns this
     rank's slice of the step's n (global) samples: (images float [n / world, 3, H, W] in [-1, 1] on
-    `device`, labels int64 [n / world, 3] = shape, texture, background class); `identity()` says
-    what the source is, for the stage hash."""
+    `device`, labels int64 [n / world, 3] = shape, texture, background class, on the CPU: checked
+    there without waiting for the device); `identity()` says what the source is, for the stage hash."""
 
     def batch(self, step: int, n: int, seed: int, env: DistEnv, device: torch.device) -> tuple[Tensor, Tensor]: ...
 
@@ -392,7 +392,7 @@ class StoredCounterfactuals:
             items = [self._item(step * n + j, seed) for j in range(n)][env.rank * per:(env.rank + 1) * per]
         else:
             items = [self._item(first + j, seed) for j in range(per)]
-        labels = torch.stack([y for _, y in items]).to(device, non_blocking=True)
+        labels = torch.stack([y for _, y in items])
         if len({(x.dtype, tuple(x.shape)) for x, _ in items}) == 1:  # one batch: converted and resized on the device
             return _resize(to_float(torch.stack([x for x, _ in items]).to(device, non_blocking=True)), self.size), labels
         images = torch.stack([_resize(to_float(x)[None], self.size)[0] for x, _ in items])
@@ -433,7 +433,7 @@ class StreamedCounterfactuals:
         with self.autocast():
             x = self.cgn.sample(y[:, 0], y[:, 1], y[:, 2], generator=noise).composite
         x = _resize(x.float(), self.size)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True), y
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -509,6 +509,8 @@ def _train(real: Dataset, cf: CounterfactualSource | None, config: EnsembleTrain
     if backbone:
         model.load_backbone(backbone)
     model.to(device)
+    if device.type == "cuda":  # the fast layout for convolutions under cuDNN; the same weights
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     step, rows, elapsed = 0, [], 0.0
     if state is not None:
@@ -548,16 +550,19 @@ def _train(real: Dataset, cf: CounterfactualSource | None, config: EnsembleTrain
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        if int(y_real.max()) >= config.n_classes or int(y_real.min()) < 0:  # on the CPU: no wait for the device
+            raise SkdcgnError(f"real image classes must lie in [0, {config.n_classes}); found {int(y_real.max())}")
         x = to_float(x_real.to(device, non_blocking=True))
         y = y_real.to(device, non_blocking=True)
         b = len(y)
         if n_cf:
             x_cf, y_cf = cf.batch(step, n_cf, config.seed, env, device)  # type: ignore[union-attr]
-            if y_cf.max() >= config.n_classes or y_cf.min() < 0:
+            if int(y_cf.max()) >= config.n_classes or int(y_cf.min()) < 0:
                 raise SkdcgnError(f"counterfactual classes must lie in [0, {config.n_classes})")
             x = torch.cat([x, x_cf.float()])
-        if y.max() >= config.n_classes:
-            raise SkdcgnError(f"real image classes must lie in [0, {config.n_classes}); found {int(y.max())}")
+            y_cf = y_cf.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             out_ = net(imagenet_normalize(x))
             logits = {h: getattr(out_, h).float() for h in (*HEADS, "mean")}
