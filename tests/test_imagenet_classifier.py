@@ -110,6 +110,19 @@ def test_backbone_loads_legacy_and_prefixed_files_and_refuses_bad_ones(tmp_path)
         load_torchvision_resnet(tmp_path / "evil.pth", ResNet(tiny_resnet_config(0)))
 
 
+def test_readouts_of_the_ensemble():
+    from skdcgn.models.imagenet.resnet import HeadLogits
+
+    ens = InvariantEnsemble(InvariantEnsembleConfig.from_resnet(tiny_resnet_config(), 7)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = ens(x)
+    assert torch.allclose(out.mean, (out.shape + out.texture + out.background) / 3)
+    assert torch.allclose(HeadLogits(ens, "shape_texture")(x), (out.shape + out.texture) / 2)
+    assert torch.equal(HeadLogits(ens, "background")(x), out.background)
+    with pytest.raises(SkdcgnError, match="head: 'foreground'"):
+        HeadLogits(ens, "foreground")
+
+
 def test_random_resized_crop_is_seeded_and_sized():
     img = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
     a = random_resized_crop(img, 32, torch.Generator().manual_seed(3))
@@ -252,12 +265,12 @@ def test_cli_trains_then_scores_in9_and_cue_conflict(tmp_path, capsys):
     mapping.write_text(json.dumps({str(i): i % 10 - 1 for i in range(1000)}))
     capsys.readouterr()
     assert main(["imagenet", "in9", "--classifier", str(out), "--root", str(in9), "--mapping", str(mapping),
-                 "--heads", "shape", "mean", "--resize", "32", "--crop", "32", "--device", "cpu", "--quiet",
+                 "--heads", "shape", "shape_texture", "mean", "--resize", "32", "--crop", "32", "--device", "cpu", "--quiet",
                  "--out", str(tmp_path / "in9.json")]) == 0
     text = capsys.readouterr().out
     assert "this classifier, shape" in text and "94.2" in text and "83.4" in text and "80.1" in text
     res = json.loads((tmp_path / "in9.json").read_text())
-    assert set(res["heads"]) == {"shape", "mean"}
+    assert set(res["heads"]) == {"shape", "shape_texture", "mean"}
     assert res["heads"]["mean"]["variants"]["original"]["images"] == 10
     assert res["paper"]["bg_gap"] == 3.3
     cue = cue_root(tmp_path)

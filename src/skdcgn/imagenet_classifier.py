@@ -634,8 +634,9 @@ def load_ensemble(folder: str | os.PathLike) -> InvariantEnsemble:
 def evaluate_in9(ensemble: InvariantEnsemble, root: str | os.PathLike, mapping: str | os.PathLike,
                  heads: Iterable[str] = ("mean",), **kwargs: Any) -> dict:
     """ImageNet-9 accuracies and BG-gap (`metrics.ood.imagenet9_accuracy`, fractions in [0, 1]) of
-    each head in `heads` ("shape", "texture", "background", "mean"); kwargs go to the scorer
-    (variants, batch_size, device, preprocess, progress). Returns {head: result}."""
+    each readout in `heads` (`models.imagenet.resnet.READOUTS`: "shape", "texture", "background",
+    "mean", "shape_texture", the last the authors' BG-gap readout); kwargs go to the scorer
+    (variants, batch_size, device, preprocess, progress). Returns {readout: result}."""
     from .metrics.ood import imagenet9_accuracy
 
     return {h: imagenet9_accuracy(HeadLogits(ensemble, h), root, mapping, **kwargs) for h in heads}

@@ -255,15 +255,23 @@ class InvariantEnsemble(PretrainedModel):
         load_torchvision_resnet(path, self.backbone)
 
 
+# what `HeadLogits` can read out: a head, the mean of all three, or the mean of shape and texture
+# (the authors' `shape_texture_preds`, "the prediction without the background signal", on which
+# their IN-9 evaluation computes the BG-gap)
+READOUTS = (*HEADS, "mean", "shape_texture")
+
+
 class HeadLogits(nn.Module):
-    """One head of an `InvariantEnsemble` (or "mean") as a plain classifier: images → logits
-    [N, n_classes]; what `metrics.ood`'s scoring functions take."""
+    """One readout of an `InvariantEnsemble` (`READOUTS`: a head, "mean", or "shape_texture" =
+    (shape + texture) / 2) as a plain classifier: images → logits [N, n_classes]; what
+    `metrics.ood`'s scoring functions take. Raises `SkdcgnError` for another name."""
 
     def __init__(self, ensemble: InvariantEnsemble, head: str = "mean") -> None:
         super().__init__()
-        if head not in (*HEADS, "mean"):
-            raise SkdcgnError(f"head: {head!r} is not one of {', '.join((*HEADS, 'mean'))}")
+        if head not in READOUTS:
+            raise SkdcgnError(f"head: {head!r} is not one of {', '.join(READOUTS)}")
         self.ensemble, self.head = ensemble, head
 
     def forward(self, x: Tensor) -> Tensor:
-        return getattr(self.ensemble(x), self.head)
+        out = self.ensemble(x)
+        return (out.shape + out.texture) / 2 if self.head == "shape_texture" else getattr(out, self.head)
