@@ -308,3 +308,37 @@ def test_throughput_benchmark_runs_at_tiny_size(tmp_path):
         assert r["images_per_s"] > 0
         assert r["ratio_to_real"] == pytest.approx(r["images_per_s"] / runs["real"]["images_per_s"], rel=1e-3)
     assert "| students | 16 |" in out.with_suffix(".md").read_text()
+
+
+class OneByOne:
+    """An iterable (no __len__/__getitem__), as a shard reader is: the same samples in the same order."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __iter__(self):
+        while True:
+            yield from zip(self.images, self.labels)
+
+
+def test_iterable_counterfactuals_backbone_and_class_index(tmp_path):
+    real = ImageFolderImages(real_tree(tmp_path / "real", classes=2, per_class=2),
+                             class_index={"n00000000": 7, "n00000001": 3})
+    assert sorted({label for _, label in real.samples}) == [3, 7]
+    with pytest.raises(SkdcgnError, match="folder 'n00000001' has no class index"):
+        ImageFolderImages(tmp_path / "real", class_index={"n00000000": 0})
+    g = torch.Generator().manual_seed(2)
+    it = OneByOne(torch.rand(5, 3, 40, 40, generator=g) * 2 - 1, torch.randint(0, 10, (5, 3), generator=g))
+    torch.manual_seed(3)
+    torch.save(ResNet(tiny_resnet_config()).state_dict(), tmp_path / "resnet.pth")
+    cfg = tiny(n_classes=10)
+    a = train_ensemble(real, StoredCounterfactuals(it, 32), cfg, tmp_path / "a", backbone=tmp_path / "resnet.pth",
+                       progress=False)
+    train_ensemble(real, StoredCounterfactuals(it, 32), cfg, tmp_path / "b", backbone=tmp_path / "resnet.pth",
+                   progress=False, stop_after=2)
+    b = train_ensemble(real, StoredCounterfactuals(it, 32), cfg, tmp_path / "b", backbone=tmp_path / "resnet.pth",
+                       progress=False)  # the iterable restarts and skips what steps 1-2 used
+    assert _equal(a.state_dict(), b.state_dict())
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["backbone"] is not None
+    c = train_ensemble(real, StoredCounterfactuals(it, 32), cfg, None, progress=False)  # no backbone: another start
+    assert not _equal(a.state_dict(), c.state_dict())
