@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -65,16 +66,9 @@ def test_resnet50_has_torchvision_keys_shapes_and_parameter_count():
     found = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert list(found) == list(expected)  # same names, same order
     assert found == expected
-    n_params = sum(math_prod(s) for k, s in expected.items() if not k.endswith(("running_mean", "running_var",
+    n_params = sum(math.prod(s) for k, s in expected.items() if not k.endswith(("running_mean", "running_var",
                                                                                 "num_batches_tracked")))
     assert n_params == model.get_num_params() == 25_557_032  # torchvision's documented count for resnet50
-
-
-def math_prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def test_backbone_loads_legacy_and_prefixed_files_and_refuses_bad_ones(tmp_path):
