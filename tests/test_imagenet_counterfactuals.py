@@ -279,3 +279,27 @@ def test_two_gloo_processes_killed_and_resumed_write_the_one_process_set(cgn, tm
     assert not list(out.glob(".*.tmp"))
     keys = [key for p in shard_paths(out) for key, _, _ in read_shard(p)]
     assert keys == [f"{i:09d}" for i in range(40)]  # no sample lost, none duplicated
+
+
+def test_a_tar_set_trains_the_ensemble_epoch_after_epoch(cgn, tmp_path):
+    """`ShardEpochs` reads every sample once per epoch, each epoch in its own seeded order, and
+    `skdcgn imagenet train-classifier --counterfactuals shards:<folder>` trains on it."""
+    import itertools
+
+    from skdcgn.data.shards import ShardEpochs
+    from test_imagenet_classifier import real_tree
+
+    out = write_counterfactual_tars(cgn, tmp_path / "cf", n=8, per_shape=2, seed=1, shard_size=4, batch_size=4,
+                                    image_format="png", progress=False)
+    epochs = ShardEpochs(out, seed=5)
+    first = list(itertools.islice(epochs, 20))
+    key = lambda item: (item[0].numpy().tobytes(), tuple(item[1].tolist()))  # noqa: E731
+    assert sorted(map(key, first[:8])) == sorted(map(key, first[8:16])) == sorted(map(key, iter_shard_samples(out)))
+    assert list(map(key, first[:8])) != list(map(key, first[8:16]))  # another order each epoch
+    assert list(map(key, itertools.islice(ShardEpochs(out, seed=5), 20))) == list(map(key, first))  # repeatable
+    assert epochs.identity() == ShardEpochs(out, seed=5).identity() != ShardEpochs(out, seed=6).identity()
+    real = real_tree(tmp_path / "real")
+    assert main(["imagenet", "train-classifier", "--real", str(real), "--counterfactuals", f"shards:{out}",
+                 "--out", str(tmp_path / "clf"), "--arch", "tiny", "--image-size", "32", "--steps", "3",
+                 "--batch-size", "2", "--device", "cpu", "--quiet"]) == 0
+    assert (tmp_path / "clf" / "manifest.json").is_file()

@@ -18,7 +18,7 @@ LAYERS = [
          "skdcgn.compose", "skdcgn.checkpoint", "skdcgn.hashing", "skdcgn.runlog", "skdcgn.training"]),
     (1, ["skdcgn.models", "skdcgn.data", "skdcgn.api"]),
     (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.imagenet_counterfactuals", "skdcgn.invariance",
-         "skdcgn.teacher_training", "skdcgn.label_noise",
+         "skdcgn.teacher_training", "skdcgn.label_noise", "skdcgn.imagenet_classifier",
          "skdcgn.metrics"]),
     (3, ["skdcgn.results"]),
     (4, ["skdcgn.pipeline", "skdcgn.bench"]),

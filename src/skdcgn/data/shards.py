@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..errors import SkdcgnError
 from ..hashing import derive_seed
-from ..io import MANIFEST, confined, read_json, verify_file
+from ..io import MANIFEST, confined, read_json, sha256_file, verify_file
 
 LABEL_FIELDS = ("shape", "texture", "background")  # the order of the labels tensor
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
@@ -280,3 +280,37 @@ def iter_shard_samples(source: Source, *, rank: int = 0, world_size: int = 1, se
         for _, image, labels in _decode_samples(path, samples, n_classes, within, image_size):
             yield image, labels
 
+
+
+class ShardEpochs:
+    """A tar set as an endless, repeatable iterable for training: epoch e reads every shard once, in
+    the order `iter_shard_samples(source, seed=derive_seed(seed, "epoch", e))` gives, then epoch
+    e + 1 follows. Iterating again starts again at epoch 0 with the same samples, so a resumed
+    trainer that skips the samples it used (`imagenet_classifier.StoredCounterfactuals`) reads on
+    exactly where it stopped. Items as `iter_shard_samples`; raises SkdcgnError for a set without
+    samples."""
+
+    def __init__(self, source: Source, seed: int = 0, verify: bool = True) -> None:
+        self.source, self.seed, self.verify = source, seed, verify
+        self.paths = shard_paths(source)  # a bad source fails now, not at the first step
+
+    def identity(self) -> dict:
+        """What the set is, for a stage hash: its shards' names and SHA-256 (from the manifest when
+        there is one, else computed) and the order seed."""
+        folder = Path(self.source) if isinstance(self.source, (str, os.PathLike)) else None
+        if folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
+            paths, _, digests, _ = _manifest_shards(folder)
+        else:
+            paths, digests = self.paths, [None] * len(self.paths)
+        return {"shards": [[p.name, d or sha256_file(p)] for p, d in zip(paths, digests)], "order_seed": self.seed}
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch = 0
+        while True:
+            n = 0
+            for item in iter_shard_samples(self.source, seed=derive_seed(self.seed, "epoch", epoch), verify=self.verify):
+                n += 1
+                yield item
+            if n == 0:
+                raise SkdcgnError(f"{self.source}: no samples in its shards")
+            epoch += 1
