@@ -1,0 +1,107 @@
+"""Many classifiers in one process (skdcgn.multitrain): the same folders as train_classifier, the
+same numbers within floating-point tolerance, a bitwise resume after an interruption."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import skdcgn
+from skdcgn.invariance import ClassifierConfig, train_classifier
+from skdcgn.multitrain import ClassifierJob, train_classifiers
+
+from test_invariance import separable_set
+
+
+def _jobs(root, name: str, monitor) -> list[ClassifierJob]:
+    """Four jobs of different sizes, step counts, subsets and epochs; two share one images tensor."""
+    a, b = separable_set(200), separable_set(150, seed=3)
+    configs = [ClassifierConfig(epochs=2, batch_size=16, seed=0, device="cpu"),              # 13 steps/epoch, short last batch
+               ClassifierConfig(epochs=2, batch_size=16, seed=1, device="cpu"),              # same data, other seed
+               ClassifierConfig(epochs=3, batch_size=16, seed=2, device="cpu", max_examples=100),
+               ClassifierConfig(epochs=2, batch_size=16, seed=3, device="cpu", max_steps=13)]  # stops mid-epoch
+    return [ClassifierJob(*data, config, root / f"{name}{i}", monitor)
+            for i, (data, config) in enumerate(zip([a, a, b, b], configs))]
+
+
+def _manifest(folder) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batched")
+    monitor = {"test": separable_set(100, seed=9)}
+    jobs = _jobs(root, "b", monitor)
+    return root, monitor, jobs, train_classifiers(jobs, progress=False)
+
+
+def test_batched_training_equals_separate_training(batched, tmp_path):
+    root, monitor, jobs, models = batched
+    for i, (job, model) in enumerate(zip(jobs, models)):
+        alone = train_classifier(job.images, job.labels, job.config, tmp_path / f"s{i}", progress=False, monitor=monitor)
+        for (name, v), w in zip(alone.state_dict().items(), model.state_dict().values()):
+            if v.is_floating_point():
+                torch.testing.assert_close(w, v, atol=5e-3, rtol=1e-2, msg=f"job {i} {name}")
+            else:
+                assert torch.equal(v, w), name  # num_batches_tracked: the same number of steps
+        seq, bat = _manifest(tmp_path / f"s{i}"), _manifest(job.out_dir)
+        assert bat["config"] == seq["config"] and bat["monitor"] == seq["monitor"]  # the same stage
+        assert len(bat["log"]) == len(seq["log"])
+        for r, s in zip(bat["log"], seq["log"]):
+            assert set(r) == set(s) and (r["epoch"], r["steps"], r["lr"]) == (s["epoch"], s["steps"], s["lr"])
+            assert r["loss"] == pytest.approx(s["loss"], abs=1e-3)
+            assert r["accuracy"] == pytest.approx(s["accuracy"], abs=0.02)  # at most a few of 100-200 images
+            assert r["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.03)
+        header = (job.out_dir / "train_log.csv").read_text().splitlines()[0]
+        assert header == (tmp_path / f"s{i}" / "train_log.csv").read_text().splitlines()[0]
+    assert [len(_manifest(j.out_dir)["log"]) for j in jobs] == [2, 2, 3, 2]
+
+
+def test_folders_are_interchangeable_with_train_classifier(batched, tmp_path):
+    root, monitor, jobs, models = batched
+    job = jobs[2]
+    # a batched folder is complete for train_classifier: loaded, not retrained
+    again = train_classifier(job.images, job.labels, job.config, job.out_dir, progress=False, monitor=monitor)
+    assert all(torch.equal(v, w) for v, w in zip(models[2].state_dict().values(), again.state_dict().values()))
+    assert isinstance(skdcgn.load_classifier(job.out_dir), skdcgn.models.classifier.Classifier)
+    # and the other way: a folder of train_classifier is skipped by the batched trainer
+    alone = train_classifier(job.images, job.labels, job.config, tmp_path / "seq", progress=False)
+    before = (tmp_path / "seq" / "manifest.json").read_bytes()
+    (loaded,) = train_classifiers([ClassifierJob(job.images, job.labels, job.config, tmp_path / "seq")], progress=False)
+    assert (tmp_path / "seq" / "manifest.json").read_bytes() == before
+    assert all(torch.equal(v, w) for v, w in zip(alone.state_dict().values(), loaded.state_dict().values()))
+    # a sequential run resumes a batched checkpoint (the one training-state format)
+    def stop(index, epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_classifiers([ClassifierJob(job.images, job.labels, job.config, tmp_path / "mixed")], progress=False,
+                          on_epoch_end=stop)
+    resumed = train_classifier(job.images, job.labels, job.config, tmp_path / "mixed", progress=False)
+    for v, w in zip(models[2].state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(w, v, atol=5e-3, rtol=1e-2, check_dtype=True)
+
+
+@pytest.mark.parametrize("stop_at", [(0, 1), (3, 1), (2, 2)])
+def test_an_interrupted_batched_run_resumes_bitwise(batched, tmp_path, stop_at):
+    """Interrupted at one job's epoch end (the others mid-epoch, or done), then resumed: each job
+    continues from its own checkpoint and ends bitwise equal to the uninterrupted batched run."""
+    root, monitor, jobs, models = batched
+
+    def stop(index, epoch, row):
+        if (index, epoch) == stop_at:
+            raise KeyboardInterrupt
+
+    resumed_jobs = _jobs(tmp_path, "r", monitor)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifiers(resumed_jobs, progress=False, on_epoch_end=stop)
+    assert not (resumed_jobs[stop_at[0]].out_dir / "manifest.json").exists()
+    resumed = train_classifiers(resumed_jobs, progress=False)
+    for i, (model, again) in enumerate(zip(models, resumed)):
+        for (name, v), w in zip(model.state_dict().items(), again.state_dict().values()):
+            assert torch.equal(v, w), f"job {i} {name}"
+        logs = [[{**r, "seconds": 0} for r in _manifest(j.out_dir)["log"]] for j in (jobs[i], resumed_jobs[i])]
+        assert logs[0] == logs[1]
