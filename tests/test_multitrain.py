@@ -16,11 +16,11 @@ from test_invariance import separable_set
 
 def _jobs(root, name: str, monitor) -> list[ClassifierJob]:
     """Four jobs of different sizes, step counts, subsets and epochs; two share one images tensor."""
-    a, b = separable_set(200), separable_set(150, seed=3)
-    configs = [ClassifierConfig(epochs=2, batch_size=16, seed=0, device="cpu"),              # 13 steps/epoch, short last batch
-               ClassifierConfig(epochs=2, batch_size=16, seed=1, device="cpu"),              # same data, other seed
-               ClassifierConfig(epochs=3, batch_size=16, seed=2, device="cpu", max_examples=100),
-               ClassifierConfig(epochs=2, batch_size=16, seed=3, device="cpu", max_steps=13)]  # stops mid-epoch
+    a, b = separable_set(120), separable_set(100, seed=3)
+    configs = [ClassifierConfig(epochs=2, batch_size=16, seed=0, device="cpu"),  # 8 steps/epoch, a short last batch
+               ClassifierConfig(epochs=2, batch_size=16, seed=1, device="cpu"),  # the same data, another seed
+               ClassifierConfig(epochs=3, batch_size=16, seed=2, device="cpu", max_examples=50),  # 4 steps/epoch
+               ClassifierConfig(epochs=2, batch_size=16, seed=3, device="cpu", max_steps=9)]  # 7 + 2 steps
     return [ClassifierJob(*data, config, root / f"{name}{i}", monitor)
             for i, (data, config) in enumerate(zip([a, a, b, b], configs))]
 
@@ -32,7 +32,7 @@ def _manifest(folder) -> dict:
 @pytest.fixture(scope="module")
 def batched(tmp_path_factory):
     root = tmp_path_factory.mktemp("batched")
-    monitor = {"test": separable_set(100, seed=9)}
+    monitor = {"test": separable_set(60, seed=9)}
     jobs = _jobs(root, "b", monitor)
     return root, monitor, jobs, train_classifiers(jobs, progress=False)
 
@@ -52,8 +52,8 @@ def test_batched_training_equals_separate_training(batched, tmp_path):
         for r, s in zip(bat["log"], seq["log"]):
             assert set(r) == set(s) and (r["epoch"], r["steps"], r["lr"]) == (s["epoch"], s["steps"], s["lr"])
             assert r["loss"] == pytest.approx(s["loss"], abs=1e-3)
-            assert r["accuracy"] == pytest.approx(s["accuracy"], abs=0.02)  # at most a few of 100-200 images
-            assert r["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.03)
+            assert r["accuracy"] == pytest.approx(s["accuracy"], abs=0.03)  # at most a few of 50-120 images
+            assert r["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=0.05)  # 3 of 60
         header = (job.out_dir / "train_log.csv").read_text().splitlines()[0]
         assert header == (tmp_path / f"s{i}" / "train_log.csv").read_text().splitlines()[0]
     assert [len(_manifest(j.out_dir)["log"]) for j in jobs] == [2, 2, 3, 2]
@@ -85,7 +85,7 @@ def test_folders_are_interchangeable_with_train_classifier(batched, tmp_path):
         torch.testing.assert_close(w, v, atol=5e-3, rtol=1e-2, check_dtype=True)
 
 
-@pytest.mark.parametrize("stop_at", [(0, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize("stop_at", [(0, 1), (2, 2)])
 def test_an_interrupted_batched_run_resumes_bitwise(batched, tmp_path, stop_at):
     """Interrupted at one job's epoch end (the others mid-epoch, or done), then resumed: each job
     continues from its own checkpoint and ends bitwise equal to the uninterrupted batched run."""
@@ -105,3 +105,13 @@ def test_an_interrupted_batched_run_resumes_bitwise(batched, tmp_path, stop_at):
             assert torch.equal(v, w), f"job {i} {name}"
         logs = [[{**r, "seconds": 0} for r in _manifest(j.out_dir)["log"]] for j in (jobs[i], resumed_jobs[i])]
         assert logs[0] == logs[1]
+
+
+def test_a_compacted_stack_trains_the_same_classifiers(batched, tmp_path):
+    """compact=True (the GPU default): a job that is done leaves the stack, whose shape then changes;
+    the weights agree with the fixed-slot run within float tolerance."""
+    root, monitor, jobs, models = batched
+    compacted = train_classifiers(_jobs(tmp_path, "c", None), progress=False, compact=True)
+    for i, (model, other) in enumerate(zip(models, compacted)):
+        for (name, v), w in zip(model.state_dict().items(), other.state_dict().values()):
+            torch.testing.assert_close(w, v, atol=5e-3, rtol=1e-2, msg=f"job {i} {name}")

@@ -329,3 +329,30 @@ def test_hybrid_cgn_spec():
                 "hybrid:colored,shape=colored,shape=wildlife"):
         with pytest.raises(SkdcgnError, match="hybrid"):
             skdcgn.load_cgn(bad)
+
+
+def test_batched_classifiers_give_the_table_of_one_by_one_training(tiny_run, tmp_path, monkeypatch):
+    """`--batch-classifiers on` (CPU): the tiny run's students and datasets, every (row, seed) classifier
+    trained in one multitrain call; the same table within float tolerance, the same classifier stages."""
+    import shutil
+
+    from skdcgn import multitrain
+
+    run_dir, _ = tiny_run
+    new = tmp_path / "batched"
+    for part in ("datasets", "distill", "transfer"):
+        shutil.copytree(run_dir / "colored" / part, new / "colored" / part)
+    calls = []
+    real = multitrain.train_classifiers
+    monkeypatch.setattr(multitrain, "train_classifiers", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
+    argv = ["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(new), "--quiet", "--batch-classifiers", "on"]
+    assert main(argv) == 0
+    assert calls == [len(TRAINING_SETS)]  # one call, every row (1 seed)
+    ours, theirs = (read_json(d / "results.json")["results"]["colored"]["table"] for d in (new, run_dir))
+    assert set(ours) == set(TRAINING_SETS)  # (the module's run may hold more rows: the hybrid test adds some)
+    for row in ours:
+        for split in ours[row]:
+            assert ours[row][split]["mean"] == pytest.approx(theirs[row][split]["mean"], abs=2.0), (row, split)
+        one, batched = (read_json(d / "colored" / "classifiers" / row / "seed0" / "manifest.json") for d in (run_dir, new))
+        assert one["config"] == batched["config"]
+    assert main(argv) == 0 and calls == [len(TRAINING_SETS)]  # complete: nothing trained or loaded again

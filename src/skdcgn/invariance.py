@@ -64,6 +64,8 @@ class ClassifierConfig:
     device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
     max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="train on a seeded random subset of this size (0: all)")
     max_steps: int = setting(0, lo=0, hi=10**12, unit="steps", help="stop after this many optimizer steps in total (0: no cap)")
+    bf16: bool = setting(False, identity="changed",
+                         help="forward and backward under bf16 autocast (a GPU speed option; changes the numbers)")
 
     def validate(self) -> None:
         """Check each field's range and choice (`validate_config`); raises `SkdcgnError`."""
@@ -175,9 +177,11 @@ def _recorded_stage(out: Path) -> dict | None:
 
 
 def _prepare(images: Tensor, labels: Tensor, config: ClassifierConfig | None,
-             monitor: dict[str, tuple[Tensor, Tensor]] | None) -> tuple[ClassifierConfig, dict, dict[str, str], torch.device]:
+             monitor: dict[str, tuple[Tensor, Tensor]] | None, hashes: dict[tuple[int, int], str] | None = None
+             ) -> tuple[ClassifierConfig, dict, dict[str, str], torch.device]:
     """(config, stage, {monitor name: data hash}, device) of a classifier run, its input checked
-    (`SkdcgnError` for bad settings, images, labels or monitor data)."""
+    (`SkdcgnError` for bad settings, images, labels or monitor data). hashes: {(id(images), id(labels)):
+    data hash} of tensors hashed already (by several jobs sharing them), filled as it goes."""
     config = config or ClassifierConfig()
     config.validate()
     _check_data(images, labels)
@@ -185,10 +189,18 @@ def _prepare(images: Tensor, labels: Tensor, config: ClassifierConfig | None,
         _check_data(mx, my, n_classes=10**9)
     if images.shape[-1] != images.shape[-2]:
         raise SkdcgnError(f"images: expected square images, got {list(images.shape[-2:])}")
-    monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
+    hashes = {} if hashes is None else hashes
+
+    def hashed(x: Tensor, y: Tensor) -> str:
+        key = (id(x), id(y))
+        if key not in hashes:
+            hashes[key] = data_hash(x, y)
+        return hashes[key]
+
+    monitor_ids = {name: hashed(mx, my) for name, (mx, my) in (monitor or {}).items()}
     device = resolve_device(config.device)
     # device is identity=False: where it ran does not change what it is
-    stage = {"stage": "classifier", "train": identity(config), "data": data_hash(images, labels), "n": len(labels)}
+    stage = {"stage": "classifier", "train": identity(config), "data": hashed(images, labels), "n": len(labels)}
     return config, stage, monitor_ids, device
 
 
@@ -306,8 +318,9 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
                 idx = order[b * config.batch_size:(b + 1) * config.batch_size]
                 x = to_float(data_x[idx]).to(device, non_blocking=True)
                 y = data_y[idx].to(device, non_blocking=True)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -41,8 +41,10 @@ by `train_classifier`. Jobs whose folder is already complete are loaded, not tra
 
 GPU: the training images of all jobs are copied once to the device (uint8) and each step gathers
 the K batches with one indexing; running sums stay on the device; the host waits for the device
-only at a job's epoch end (log row, monitor, checkpoint). `bf16=True` runs the stack under bf16
-autocast (off by default; its accuracy is to be shown on a GPU: benchmarks/gpu_protocol.sh).
+only at a job's epoch end (log row, monitor, checkpoint). `ClassifierConfig.bf16` runs the stack
+(as `train_classifier`) under bf16 autocast: off by default, and a setting of the classifier's
+identity, since it changes the numbers (whether it keeps the accuracy is for a GPU run to show:
+benchmarks/gpu_protocol.sh).
 """
 from __future__ import annotations
 
@@ -136,18 +138,19 @@ def batchable(config: ClassifierConfig) -> bool:
 
 
 def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
-                      on_epoch_end: Callable[[int, int, dict], None] | None = None, overwrite: bool = False,
-                      bf16: bool = False) -> list[Classifier]:
+                      on_epoch_end: Callable[[int, int, dict], None] | None = None,
+                      overwrite: bool = False, compact: bool | None = None) -> list[Classifier]:
     """Train K classifiers together; returns them (eval mode, on their device) in the order of `jobs`.
 
     Each job's folder ends exactly as `train_classifier(job.images, job.labels, job.config,
     job.out_dir, monitor=job.monitor)` leaves it (same stage and manifest, same log columns; weights
     equal within floating-point tolerance, see the module doc). A complete folder is loaded, not
     retrained; an interrupted one resumes from its own checkpoint. Jobs of architecture `cgn` with
-    the same batch size, image size and image dtype train as one stack; others one after another.
+    the same batch size, bf16 setting, image size and image dtype train as one stack; others one after another.
     on_epoch_end(job index, epoch, log row) is called after each of a job's checkpoints.
     overwrite: as `train_classifier` (replace a folder holding other settings).
-    bf16: run the stacked forward and backward under bf16 autocast (changes the numbers; off by default).
+    compact: drop a job that is done from the stack (None: on a GPU only). Without it every job keeps
+    its slot to the end, which makes a resumed run bitwise equal to an uninterrupted one on a CPU.
     Raises `SkdcgnError` (one line) for bad settings or data, jobs on different devices, two jobs
     sharing one folder, or a folder holding other settings without `overwrite`.
     """
@@ -159,15 +162,16 @@ def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
     with contextlib.ExitStack() as locks:
         for out in outs:
             locks.enter_context(folder_lock(out))
-        return _train_all(jobs, progress, on_epoch_end, overwrite, bf16)
+        return _train_all(jobs, progress, on_epoch_end, overwrite, compact)
 
 
 def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable[[int, int, dict], None] | None,
-               overwrite: bool, bf16: bool) -> list[Classifier]:
+               overwrite: bool, compact: bool | None) -> list[Classifier]:
     from .errors import SkdcgnError
     from .models.pretrained import load_model
 
-    prepared = [_prepare(j.images, j.labels, j.config, j.monitor) for j in jobs]  # every job checked before any work
+    hashes: dict = {}  # each distinct dataset hashed once
+    prepared = [_prepare(j.images, j.labels, j.config, j.monitor, hashes) for j in jobs]  # all checked before any work
     devices = {str(device) for _, _, _, device in prepared}
     if len(devices) > 1:
         raise SkdcgnError(f"train_classifiers: all jobs must run on one device, got {sorted(devices)}")
@@ -176,7 +180,8 @@ def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable
     for i, (job, (config, stage, _, device)) in enumerate(zip(jobs, prepared)):
         out = Path(job.out_dir) if job.out_dir is not None else None
         if batchable(config):
-            stacked.setdefault((config.arch, config.batch_size, tuple(job.images.shape[1:]), job.images.dtype), []).append(i)
+            key = (config.arch, config.batch_size, config.bf16, tuple(job.images.shape[1:]), job.images.dtype)
+            stacked.setdefault(key, []).append(i)
         if out is not None and _claim(out, stage, overwrite):
             results[i] = load_model(out).to(device)
         elif not batchable(config):
@@ -188,7 +193,13 @@ def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable
         if all(results[i] is not None for i in indices):
             continue
         runs = [_start(i, jobs[i], *prepared[i], complete=results[i] is not None) for i in indices]
-        _train_stack(runs, progress, on_epoch_end, bf16)
+        cudnn_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # one stack shape at a time: its convolutions tuned once
+        try:
+            _train_stack(runs, progress, on_epoch_end, runs[0].model.head.weight.device.type != "cpu"
+                         if compact is None else compact)
+        finally:
+            torch.backends.cudnn.benchmark = cudnn_benchmark
         for run in runs:
             if results[run.index] is None:
                 results[run.index] = run.model.eval()
@@ -405,7 +416,7 @@ def _begin_epoch(run: _Run, device: torch.device) -> None:
 
 
 def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, int, dict], None] | None,
-                 bf16: bool) -> None:
+                 compact: bool) -> None:
     """Train the runs (one architecture, batch size and image shape) together until each is done.
 
     The stack holds one slot per run from start to end, in the order of the jobs; the slot of a run
@@ -413,7 +424,9 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
     weights and state are not updated. A job's arithmetic thus always sees the same stack shape,
     whatever the other jobs are doing; the kernels (convolutions, reductions) order their sums by
     shape, not by value, so a run resumed after a kill ends bitwise equal to an uninterrupted one
-    (checked on CPU by tests/test_multitrain.py). The cost: an idle slot's share of each step."""
+    (checked on CPU by tests/test_multitrain.py). The cost: an idle slot's share of each step.
+    compact: drop done jobs from the stack instead (faster when jobs differ in length; a resumed run
+    then equals an uninterrupted one within float tolerance only, as GPU runs do anyway)."""
     device = next(runs[0].model.parameters()).device
     for run in runs:
         if run.done and not run.complete:  # a checkpoint after the last epoch: only the finished folder is missing
@@ -431,16 +444,17 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
     B = runs[0].config.batch_size
     idle_order = torch.zeros(1, B, dtype=torch.int64, device=device)
     idle_valid = torch.zeros(1, B, device=device)
-    stack = _Stack(runs, device)
+    stack = _Stack(pending if compact else runs, device)
     while True:
         live = [r for r in runs if not r.done]
         T = min(r.epoch_steps - r.batch for r in live)  # steps until the next job's epoch ends
-        order = torch.stack([idle_order.expand(T, B) if r.done else r.order[r.batch:r.batch + T] for r in runs], dim=2)
-        valid = torch.stack([idle_valid.expand(T, B) if r.done else r.valid[r.batch:r.batch + T] for r in runs], dim=2)
+        slots = stack.runs
+        order = torch.stack([idle_order.expand(T, B) if r.done else r.order[r.batch:r.batch + T] for r in slots], dim=2)
+        valid = torch.stack([idle_valid.expand(T, B) if r.done else r.valid[r.batch:r.batch + T] for r in slots], dim=2)
         count = valid.sum(1)  # [T, K] real images per step and job
         t0 = time.perf_counter()
         for t in range(T):
-            _step(stack, images, labels, order[t], valid[t], count[t], bf16)
+            _step(stack, images, labels, order[t], valid[t], count[t], runs[0].config.bf16)
         sums = torch.stack([stack.loss_sum, stack.correct.double()]).tolist()  # the one wait for the device
         share = (time.perf_counter() - t0) / len(live)  # each training job's share of the stack's time
         bar.update(T)
@@ -448,19 +462,20 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
             run.batch += T
             run.step += T
             run.seconds += share
-        ended = [k for k, run in enumerate(runs) if run in live and run.batch == run.epoch_steps]
+        ended = [k for k, run in enumerate(slots) if run in live and run.batch == run.epoch_steps]
         for k in ended:
             _end_epoch(stack, k, sums[0][k], sums[1][k], on_epoch_end)
         for k in range(stack.K):
             stack.unstack(k)
         for k in ended:
-            if runs[k].done:
-                _complete(runs[k])
+            if slots[k].done:
+                _complete(slots[k])
             else:
-                _begin_epoch(runs[k], device)
+                _begin_epoch(slots[k], device)
         if all(r.done for r in runs):
             break
-        stack = _Stack(runs, device)  # rebuilt: a new epoch's learning rate, a job that is done idles
+        # rebuilt: a new epoch's learning rate; a job that is done idles (or, compacting, leaves)
+        stack = _Stack([r for r in runs if not r.done] if compact else runs, device)
     bar.close()
 
 
