@@ -115,3 +115,21 @@ def test_a_compacted_stack_trains_the_same_classifiers(batched, tmp_path):
     for i, (model, other) in enumerate(zip(models, compacted)):
         for (name, v), w in zip(model.state_dict().items(), other.state_dict().values()):
             torch.testing.assert_close(w, v, atol=5e-3, rtol=1e-2, msg=f"job {i} {name}")
+
+
+def test_the_speed_benchmark_runs_and_its_stack_matches_separate_training(tmp_path):
+    """benchmarks/multitrain_speed.py at a tiny size on the CPU (the GPU script runs it full size)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multitrain_speed.py"
+    spec = importlib.util.spec_from_file_location("multitrain_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.main(["--device", "cpu", "--ks", "1", "2", "--steps", "2", "--warmup", "0", "--batch-size", "4",
+                         "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    assert json.loads((tmp_path / "s.json").read_text()) == record
+    assert [(r["k"], r["bf16"]) for r in record["rows"]] == [(1, False), (2, False)]
+    assert all(r["ms_per_step"] > 0 and r["speedup"] > 0 for r in record["rows"])
+    assert record["rows"][-1]["max_abs_weight_difference"] < 1e-3  # the stack trains what separate runs train
+    assert "| 2 | no |" in (tmp_path / "s.md").read_text()
