@@ -133,3 +133,21 @@ def test_the_speed_benchmark_runs_and_its_stack_matches_separate_training(tmp_pa
     assert all(r["ms_per_step"] > 0 and r["speedup"] > 0 for r in record["rows"])
     assert record["rows"][-1]["max_abs_weight_difference"] < 1e-3  # the stack trains what separate runs train
     assert "| 2 | no |" in (tmp_path / "s.md").read_text()
+
+
+def test_unstacked_architectures_fall_back_to_train_classifier_and_bad_jobs_are_refused(tmp_path):
+    from skdcgn.errors import SkdcgnError
+
+    x, y = separable_set(40)
+    example = ClassifierConfig(arch="mnist_example", epochs=1, batch_size=16, seed=4, device="cpu", max_steps=2)
+    cgn = ClassifierConfig(epochs=1, batch_size=16, seed=4, device="cpu", max_steps=2)
+    got = train_classifiers([ClassifierJob(x, y, example, tmp_path / "e"), ClassifierJob(x, y, cgn, tmp_path / "c")],
+                            progress=False)
+    alone = train_classifier(x, y, example, tmp_path / "e-alone", progress=False)  # the same code path: bitwise
+    assert all(torch.equal(v, w) for v, w in zip(alone.state_dict().values(), got[0].state_dict().values()))
+    assert _manifest(tmp_path / "e")["config"] == _manifest(tmp_path / "e-alone")["config"]
+    with pytest.raises(SkdcgnError, match="share one folder"):
+        train_classifiers([ClassifierJob(x, y, cgn, tmp_path / "same"), ClassifierJob(x, y, example, tmp_path / "same")])
+    with pytest.raises(SkdcgnError, match="labels"):  # every job checked before any is trained
+        train_classifiers([ClassifierJob(x, y, cgn, tmp_path / "ok"), ClassifierJob(x, y[:5], cgn, tmp_path / "bad")])
+    assert not (tmp_path / "ok" / "manifest.json").exists()

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .checkpoint import rng_state, set_rng_state
+from .errors import SkdcgnError
 from .hashing import derive_seed
 from .images import to_float
 from .io import folder_lock
@@ -157,7 +158,6 @@ def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
     jobs = list(jobs)
     outs = [Path(j.out_dir).resolve() for j in jobs if j.out_dir is not None]
     if len(set(outs)) != len(outs):
-        from .errors import SkdcgnError
         raise SkdcgnError("train_classifiers: two jobs share one folder")
     with contextlib.ExitStack() as locks:
         for out in outs:
@@ -167,7 +167,6 @@ def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
 
 def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable[[int, int, dict], None] | None,
                overwrite: bool, compact: bool | None) -> list[Classifier]:
-    from .errors import SkdcgnError
     from .models.pretrained import load_model
 
     hashes: dict = {}  # each distinct dataset hashed once
@@ -177,14 +176,15 @@ def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable
         raise SkdcgnError(f"train_classifiers: all jobs must run on one device, got {sorted(devices)}")
     results: list[Classifier | None] = [None] * len(jobs)
     stacked: dict[tuple, list[int]] = {}  # the jobs of each stack, complete ones included (see _train_stack)
-    for i, (job, (config, stage, _, device)) in enumerate(zip(jobs, prepared)):
-        out = Path(job.out_dir) if job.out_dir is not None else None
+    for i, (job, (config, stage, _, device)) in enumerate(zip(jobs, prepared)):  # every folder claimed first
         if batchable(config):
             key = (config.arch, config.batch_size, config.bf16, tuple(job.images.shape[1:]), job.images.dtype)
             stacked.setdefault(key, []).append(i)
-        if out is not None and _claim(out, stage, overwrite):
-            results[i] = load_model(out).to(device)
-        elif not batchable(config):
+        if job.out_dir is not None and _claim(Path(job.out_dir), stage, overwrite):
+            results[i] = load_model(job.out_dir).to(device)
+    for i, (job, (config, _, _, _)) in enumerate(zip(jobs, prepared)):
+        if results[i] is None and not batchable(config):
+            out = Path(job.out_dir) if job.out_dir is not None else None
             logger.info("job %d: arch %s is not stacked; trained on its own", i, config.arch)
             callback = None if on_epoch_end is None else (lambda e, row, i=i: on_epoch_end(i, e, row))
             results[i] = train_classifier(job.images, job.labels, config, out, progress=progress,
