@@ -298,9 +298,13 @@ def _train_batched(vdir: Path, rows: list[str], config: RunConfig, training_data
     same folders as one by one); returns ({row: (images, labels)}, {(row, seed): classifier}) for
     `_classifier_accuracy` to score. Every classifier is passed, finished ones included, so that a
     resumed run stacks them as the first run did; nothing is loaded when every score is recorded."""
-    from .multitrain import ClassifierJob, train_classifiers
+    from .multitrain import ClassifierJob, batchable, train_classifiers
 
     pairs = [(row, s) for row in rows for s in range(config.seeds)]
+    if not batchable(_classifier_config(config, 0)):
+        logger.info("classifier arch %s is not stacked (dropout); its classifiers train one by one",
+                    config.classifier_arch)
+        return {}, {}
     if all(stage_complete(vdir / "classifiers" / row / f"seed{s}" / "eval", _eval_config(config, s, test_ids))
            for row, s in pairs):
         return {}, {}
