@@ -127,6 +127,7 @@ class _Run:
     loss_sum: Tensor | None = None  # float64 scalar on the device (mid-epoch, while out of a stack)
     correct: Tensor | None = None
     complete: bool = False  # finished before this call: holds its slot, never trained or written
+    monitor_data: dict | None = None  # job.monitor on the training device (shared by jobs that share it)
 
     @property
     def done(self) -> bool:
@@ -435,6 +436,12 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
     if not pending:
         return
     images, labels = _pool(pending, device)
+    on_device: dict[int, Tensor] = {}  # each monitor image tensor copied to the device once (`predict` returns
+    for run in pending:                 # CPU predictions: the labels stay where they are)
+        for mx, _ in (run.job.monitor or {}).values():
+            if id(mx) not in on_device:
+                on_device[id(mx)] = mx.to(device)
+        run.monitor_data = {name: (on_device[id(mx)], my) for name, (mx, my) in (run.job.monitor or {}).items()}
     logger.info("training %d classifiers as one stack of %d (%d images on %s)", len(pending), len(runs), len(labels),
                 device)
     bar = tqdm(total=max(r.total_steps - r.step for r in pending), desc=f"{len(pending)} classifiers", unit="step",
@@ -510,7 +517,7 @@ def _end_epoch(stack: _Stack, k: int, loss_sum: float, correct: float,
     seen = min(run.epoch_steps * run.config.batch_size, run.n)  # the epoch's real images
     row = {"epoch": run.epoch, "steps": run.step, "lr": lr, "loss": round(loss_sum / seen, 6),
            "accuracy": round(correct / seen, 6), "seconds": round(run.seconds, 2)}
-    for name, (mx, my) in (run.job.monitor or {}).items():
+    for name, (mx, my) in (run.monitor_data or {}).items():
         row[f"{name}_accuracy"] = round(accuracy(run.model, mx, my), 6)  # eval mode: BN statistics untouched
     run.log.append(row)
     logger.info("job %d, epoch %d: loss %.4f, train accuracy %.4f", run.index, run.epoch, row["loss"], row["accuracy"])
