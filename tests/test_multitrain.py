@@ -151,3 +151,49 @@ def test_unstacked_architectures_fall_back_to_train_classifier_and_bad_jobs_are_
     with pytest.raises(SkdcgnError, match="labels"):  # every job checked before any is trained
         train_classifiers([ClassifierJob(x, y, cgn, tmp_path / "ok"), ClassifierJob(x, y[:5], cgn, tmp_path / "bad")])
     assert not (tmp_path / "ok" / "manifest.json").exists()
+
+
+def test_the_stack_computes_the_maths_of_separate_classifiers_in_float64():
+    """In float64 the rounding differences vanish: the stacked forward (grouped convolutions, masked
+    BatchNorm, einsum head), its running statistics and the per-job Adadelta with per-job learning
+    rates equal K separate nn.Module + torch.optim.Adadelta steps to ~1e-12, a short (padded) batch included."""
+    import types
+
+    import torch.nn.functional as F
+
+    from skdcgn.models.classifier import Classifier, ClassifierNetConfig
+    from skdcgn.multitrain import _Stack
+
+    K, B, lrs = 3, 8, (1.0, 0.7, 0.49)
+    runs = []
+    for k in range(K):
+        torch.manual_seed(k)
+        model = Classifier(ClassifierNetConfig()).double()
+        runs.append(types.SimpleNamespace(model=model, opt=torch.optim.Adadelta(model.parameters(), lr=lrs[k]),
+                                          loss_sum=None, correct=None, done=False))
+    stack = _Stack(runs, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.rand(B, K, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+        y = torch.randint(10, (B, K), generator=g)
+        valid = torch.ones(B, K, dtype=torch.float64)
+        if step == 2:
+            valid[5:, 1] = 0  # job 1's last batch holds 5 images
+        count = valid.sum(0)
+        logits = stack.forward(x, valid, count)
+        ce = F.cross_entropy(logits.reshape(B * K, 10), y.reshape(-1), reduction="none").view(B, K)
+        (grad,) = torch.autograd.grad(((ce * valid).sum(0) / count).sum(), stack.flat)
+        stack.adadelta(grad)
+        for k, run in enumerate(runs):  # the reference: each classifier alone, on its real images only
+            n = int(count[k])
+            run.model.train()
+            loss = F.cross_entropy(run.model(x[:n, k]), y[:n, k])
+            run.opt.zero_grad()
+            loss.backward()
+            run.opt.step()
+    params = stack.views(stack.flat.detach())
+    for k, run in enumerate(runs):
+        for name, p in run.model.named_parameters():
+            torch.testing.assert_close(params[name][k], p.detach(), atol=1e-12, rtol=1e-10, msg=f"job {k} {name}")
+        for name, b in run.model.named_buffers():
+            torch.testing.assert_close(stack.buffers[name][k], b, atol=1e-12, rtol=1e-10, msg=f"job {k} {name}")
