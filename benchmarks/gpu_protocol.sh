@@ -8,6 +8,7 @@
 #      variant), timed; recorded in docs/results.md (--record) when it finishes within the budget.
 #      If it does not, the stage manifests say where the time went (printed below); run the script
 #      again on the same machine to resume.
+#   3. if time is left: two rows of one variant with bf16 classifiers, beside the fp32 table.
 # Logs go to $LOGS; with $OUT set (the device tool's return folder) the results are copied there.
 #   bash benchmarks/gpu_protocol.sh [BUDGET_SECONDS]   (default 540)
 # A dry run of the script itself on a CPU (tiny sizes, one variant, not recorded):
@@ -58,11 +59,26 @@ for vdir in sorted(p for p in run.iterdir() if p.is_dir()) if run.is_dir() else 
     if (vdir / "results.json").is_file():
         print("   timings_s", json.loads((vdir / "results.json").read_text())["timings_s"])
 PY
+# 3. bf16: does it keep the accuracy? Two rows, one seed, the fp32 run's students (its datasets are
+#    generated again: the classifiers' identity differs, so they cannot share the run folder).
+if [ "$rc" = 0 ] && [ "$(left)" -gt 150 ] && [ -z "${SKIP_BF16:-}" ]; then
+  timeout "$(( $(left) - 15 ))" python3 -m skdcgn run --variant colored --preset "$PRESET" --device "$DEVICE" \
+      --students "$RUN_DIR" --rows original student_cf --composers --seeds 1 --classifier-bf16 true \
+      --batch-classifiers on --threads "$THREADS" --run-dir "$RUN_DIR-bf16" --quiet ${RECORD:+--record "$RECORD"} \
+      > "$LOGS/protocol-bf16.log" 2>&1
+  echo "bf16 classifiers (colored, original + student_cf, seed 0): exit $? ($(left) s left)"
+  tail -12 "$LOGS/protocol-bf16.log"
+  echo "fp32, same rows (mean over its seeds):"; grep -E "^\| (trained on|original|student_cf) " "$RUN_DIR/results.md" 2>/dev/null
+fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/docs" "$OUT/logs" "$OUT/run"
   cp "$SPEED".* docs/results.md docs/results.json "$OUT/docs/" 2>/dev/null
   cp "$LOGS"/*.log "$OUT/logs/" 2>/dev/null
-  (cd "$RUN_DIR" 2>/dev/null && find . -name 'results.json' -o -name 'results.md' -o -name 'run_config.json' \
-     | xargs -r cp --parents -t "$OUT/run/")
+  for d in "$RUN_DIR" "$RUN_DIR-bf16"; do
+    [ -d "$d" ] || continue
+    mkdir -p "$OUT/run/$(basename "$d")"
+    (cd "$d" && find . -name 'results.json' -o -name 'results.md' -o -name 'run_config.json' \
+       | xargs -r cp --parents -t "$OUT/run/$(basename "$d")/")
+  done
 fi
 echo "done ($(left) s left)"
