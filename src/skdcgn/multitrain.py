@@ -19,8 +19,8 @@ How the K classifiers become one network (the "stack"):
 - every job keeps its own data order (`torch.randperm` seeded by its seed and epoch), its own
   subset, its own step count, epochs, learning-rate schedule and log. Jobs of different dataset
   sizes or step counts train side by side: a job's short last batch is padded and masked out of
-  the BatchNorm statistics, the loss and the accuracy; a job that is done leaves the stack (which
-  is rebuilt from the remaining ones).
+  the BatchNorm statistics, the loss and the accuracy; a job that is done keeps its slot, idle and
+  masked (on a GPU, by default, it leaves the stack instead: `compact`).
 - Adadelta (Zeiler 2012, arXiv:1212.5701) is applied to the flat stack with a learning rate per
   job (StepLR: `lr ← lr·γ` per epoch, taken from each job's own `torch.optim.lr_scheduler.StepLR`).
   The update is the one of `torch.optim.Adadelta` (`_single_tensor_adadelta`, torch 2.x, rho 0.9,
@@ -29,11 +29,12 @@ How the K classifiers become one network (the "stack"):
   state_dict format, so either trainer resumes the other's checkpoint.
 
 Exactness: each job's arithmetic reads only its own slice of the stack (grouped convolution,
-per-job reductions, elementwise updates), so a job's result does not depend on which other jobs
-share the stack; on a CPU a run resumed after a kill ends bitwise equal to an uninterrupted batched
-run (tests/test_multitrain.py). Against separate `train_classifier` runs the weights agree within
-floating-point tolerance (different but equivalent kernels: grouped vs plain convolution, a
-hand-written BatchNorm and Adadelta), not bitwise.
+per-job reductions, elementwise updates); the order of its sums depends on the stack's shape
+(e.g. how many groups a convolution has), not on the other jobs' values. With fixed slots the
+shape never changes, so on a CPU a run resumed after a kill ends bitwise equal to an
+uninterrupted batched run (tests/test_multitrain.py). In float64 a stacked step equals separate
+`nn.Module` + `torch.optim.Adadelta` steps to 1e-12; in float32 the weights agree with separate
+`train_classifier` runs within floating-point tolerance (other summation orders), not bitwise.
 
 Only the `cgn` architecture (no dropout) is stacked; jobs of other architectures (the
 `mnist_example` CNN draws dropout masks from the global generator) are trained one after another
