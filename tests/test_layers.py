@@ -19,7 +19,7 @@ LAYERS = [
     (1, ["skdcgn.models", "skdcgn.data", "skdcgn.api"]),
     (2, ["skdcgn.distill", "skdcgn.counterfactuals", "skdcgn.imagenet_counterfactuals", "skdcgn.invariance",
          "skdcgn.teacher_training", "skdcgn.label_noise", "skdcgn.imagenet_classifier",
-         "skdcgn.metrics"]),
+         "skdcgn.metrics", "skdcgn.multitrain"]),
     (3, ["skdcgn.results"]),
     (4, ["skdcgn.pipeline", "skdcgn.bench"]),
     (5, ["skdcgn.cli", "skdcgn.commands", "skdcgn._console", "skdcgn.__main__"]),

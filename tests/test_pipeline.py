@@ -329,3 +329,31 @@ def test_hybrid_cgn_spec():
                 "hybrid:colored,shape=colored,shape=wildlife"):
         with pytest.raises(SkdcgnError, match="hybrid"):
             skdcgn.load_cgn(bad)
+
+
+def test_batched_classifiers_give_the_table_of_one_by_one_training(tiny_run, tmp_path, monkeypatch):
+    """`--batch-classifiers on` (CPU): the tiny run's students and datasets, every (row, seed) classifier
+    trained in one multitrain call; the same table within float tolerance, the same classifier stages."""
+    import shutil
+
+    from skdcgn import multitrain
+
+    run_dir, _ = tiny_run
+    new = tmp_path / "batched"
+    for part in ("datasets", "distill", "transfer"):
+        shutil.copytree(run_dir / "colored" / part, new / "colored" / part)
+    calls = []
+    real = multitrain.train_classifiers
+    monkeypatch.setattr(multitrain, "train_classifiers", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
+    argv = ["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(new), "--quiet", "--batch-classifiers", "on"]
+    assert main(argv) == 0
+    assert calls == [len(TRAINING_SETS)]  # one call, every row (1 seed)
+    assert set(read_json(new / "results.json")["results"]["colored"]["table"]) == set(TRAINING_SETS)
+    for row in TRAINING_SETS:  # each classifier's scores (the module's run_dir table may hold other rows by now)
+        one, batched = (d / "colored" / "classifiers" / row / "seed0" for d in (run_dir, new))
+        ours, theirs = (read_json(d / "eval" / "manifest.json")["accuracy"] for d in (batched, one))
+        assert ours.keys() == theirs.keys()
+        for split in theirs:
+            assert ours[split] == pytest.approx(theirs[split], abs=0.02), (row, split)  # 2 of 100 images
+        assert read_json(one / "manifest.json")["config"] == read_json(batched / "manifest.json")["config"]
+    assert main(argv) == 0 and calls == [len(TRAINING_SETS)]  # complete: nothing trained or loaded again

@@ -63,6 +63,11 @@ class RunConfig:
     classifier_epochs: int = setting(1, lo=1, hi=1000, unit="epochs")
     classifier_max_steps: int = setting(0, lo=0, hi=10**9, unit="steps", help="0: full epochs")
     classifier_max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="0: all images of the dataset")
+    classifier_bf16: bool = setting(False, identity="changed",
+                                    help="classifiers under bf16 autocast (GPU speed; changes the numbers, so their identity)")
+    batch_classifiers: str = setting("auto", choices=("auto", "on", "off"), identity=False,
+                                     help="train a variant's classifiers together in one process (skdcgn.multitrain; "
+                                          "same results within float tolerance): auto = on a GPU, off on a CPU")
     composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
                                          help="composition-study variants (besides standard)")
     rows: tuple[str, ...] = setting(TRAINING_SETS, choices=TRAINING_SETS + HYBRID_TRAINING_SETS,
@@ -202,8 +207,10 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     t = time.perf_counter()
     table, by_epoch = {}, {}
+    data, trained = _train_batched(vdir, rows, config, training_data, tests, test_ids, progress, overwrite) \
+        if _batched(config, device) else ({}, {})
     for row in rows:
-        loaded: dict = {}  # the row's training data, loaded once for all seeds and only if needed
+        loaded: dict = {"data": data[row]} if row in data else {}  # the row's data, loaded once for all seeds if needed
 
         def get_data(row: str = row, loaded: dict = loaded):
             if "data" not in loaded:
@@ -211,8 +218,8 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             return loaded["data"]
 
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
-        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress, overwrite)
-                for s, out in enumerate(outs)]
+        accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress, overwrite,
+                                     trained.get((row, s))) for s, out in enumerate(outs)]
         table[row] = mean_std(accs)
         if (curve := _test_by_epoch(outs, test_ids["test"])) is not None:
             by_epoch[row] = curve
@@ -265,24 +272,71 @@ def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
     return {"seeds": seeds, "mean": [round(statistics.fmean(v), 2) for v in zip(*curves)]}
 
 
-def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
-                         progress: bool, overwrite: bool = False) -> dict:
-    """Train (or reuse) one classifier and return its accuracies on train / test / test_iid."""
-    from .invariance import ClassifierConfig, accuracy, train_classifier
+def _batched(config: RunConfig, device: torch.device) -> bool:
+    """Whether the run trains a variant's classifiers as one stack (`batch_classifiers`; auto: on a GPU)."""
+    return config.batch_classifiers == "on" or (config.batch_classifiers == "auto" and device.type != "cpu")
 
-    ccfg = ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
-                            max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
+
+def _classifier_config(config: RunConfig, seed: int):
+    """The `ClassifierConfig` of a table classifier of `seed` (0-based, offset by the run's seed)."""
+    from .invariance import ClassifierConfig
+
+    return ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed,
+                            device=config.device, max_examples=config.classifier_max_examples,
+                            max_steps=config.classifier_max_steps, bf16=config.classifier_bf16)
+
+
+def _eval_config(config: RunConfig, seed: int, test_ids: dict[str, str]) -> dict:
     # the classifier's identity: its device is identity=False
-    eval_cfg = {"classifier": identity(ccfg), "eval_examples": config.eval_examples, "tests": test_ids}
+    return {"classifier": identity(_classifier_config(config, seed)), "eval_examples": config.eval_examples,
+            "tests": test_ids}
+
+
+def _train_batched(vdir: Path, rows: list[str], config: RunConfig, training_data, tests, test_ids: dict[str, str],
+                   progress: bool, overwrite: bool) -> tuple[dict, dict]:
+    """Train every (row, seed) classifier of a variant in one `multitrain.train_classifiers` call (the
+    same folders as one by one); returns ({row: (images, labels)}, {(row, seed): classifier}) for
+    `_classifier_accuracy` to score. Every classifier is passed, finished ones included, so that a
+    resumed run stacks them as the first run did; nothing is loaded when every score is recorded."""
+    from .multitrain import ClassifierJob, batchable, train_classifiers
+
+    pairs = [(row, s) for row in rows for s in range(config.seeds)]
+    if not batchable(_classifier_config(config, 0)):
+        logger.info("classifier arch %s is not stacked (dropout); its classifiers train one by one",
+                    config.classifier_arch)
+        return {}, {}
+    if all(stage_complete(vdir / "classifiers" / row / f"seed{s}" / "eval", _eval_config(config, s, test_ids))
+           for row, s in pairs):
+        return {}, {}
+    k = config.eval_examples
+    monitor = {"test": (tests["test"][0][:k], tests["test"][1][:k])}
+    data = {row: training_data(row) for row in rows}
+    jobs = [ClassifierJob(*data[row], _classifier_config(config, s), vdir / "classifiers" / row / f"seed{s}", monitor)
+            for row, s in pairs]
+    _say(progress, f"{len(jobs)} classifiers together")
+    return data, dict(zip(pairs, train_classifiers(jobs, progress=progress, overwrite=overwrite)))
+
+
+def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
+                         progress: bool, overwrite: bool = False, trained=None) -> dict:
+    """Train (or reuse) one classifier and return its accuracies on train / test / test_iid.
+    trained: the classifier `_train_batched` made for it (then it is only scored)."""
+    from .invariance import accuracy, train_classifier
+
+    ccfg = _classifier_config(config, seed)
+    eval_cfg = _eval_config(config, seed, test_ids)
     eval_dir = out / "eval"
     if stage_complete(eval_dir, eval_cfg):
         return read_json(eval_dir / "manifest.json")["accuracy"]
-    _say(progress, f"classifier {row} (seed {seed})")
     x, y = get_data()
     k = config.eval_examples
     test_x, test_y = tests["test"]
-    clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])},
-                           overwrite=overwrite)
+    if trained is not None:
+        clf = trained
+    else:
+        _say(progress, f"classifier {row} (seed {seed})")
+        clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])},
+                               overwrite=overwrite)
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
     acc = {"train": accuracy(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():
