@@ -363,3 +363,31 @@ def test_stream_rows_train_as_many_steps_as_the_stored_rows(tiny_run, tmp_path):
     manifest = read_json(longer / "colored" / "classifiers" / "student_stream" / "seed0" / "manifest.json")
     assert manifest["log"][-1]["steps"] == 2 * steps and manifest["config"]["stream"]["per_shape"] == 1
     assert "-student_stream-stream2x-stream-per-shape1" in record_key(read_json(longer / "results.json"), "tiny")
+
+
+def test_batched_classifiers_give_the_table_of_one_by_one_training(tiny_run, tmp_path, monkeypatch):
+    """`--batch-classifiers on` (CPU): the tiny run's students and datasets, every (row, seed) classifier
+    trained in one multitrain call; the same table within float tolerance, the same classifier stages."""
+    import shutil
+
+    from skdcgn import multitrain
+
+    run_dir, _ = tiny_run
+    new = tmp_path / "batched"
+    for part in ("datasets", "distill", "transfer"):
+        shutil.copytree(run_dir / "colored" / part, new / "colored" / part)
+    calls = []
+    real = multitrain.train_classifiers
+    monkeypatch.setattr(multitrain, "train_classifiers", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
+    argv = ["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(new), "--quiet", "--batch-classifiers", "on"]
+    assert main(argv) == 0
+    assert calls == [len(TRAINING_SETS)]  # one call, every row (1 seed)
+    assert set(read_json(new / "results.json")["results"]["colored"]["table"]) == set(TRAINING_SETS)
+    for row in TRAINING_SETS:  # each classifier's scores (the module's run_dir table may hold other rows by now)
+        one, batched = (d / "colored" / "classifiers" / row / "seed0" for d in (run_dir, new))
+        ours, theirs = (read_json(d / "eval" / "manifest.json")["accuracy"] for d in (batched, one))
+        assert ours.keys() == theirs.keys()
+        for split in theirs:
+            assert ours[split] == pytest.approx(theirs[split], abs=0.02), (row, split)  # 2 of 100 images
+        assert read_json(one / "manifest.json")["config"] == read_json(batched / "manifest.json")["config"]
+    assert main(argv) == 0 and calls == [len(TRAINING_SETS)]  # complete: nothing trained or loaded again

@@ -19,7 +19,7 @@ from typing import Iterator
 from ._version import __version__
 from .errors import SkdcgnError
 
-COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "label_noise", "classify", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
+COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "label_noise", "classify", "imagenet", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,8 @@ class ClassifierConfig:
     device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
     max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="train on a seeded random subset of this size (0: all)")
     max_steps: int = setting(0, lo=0, hi=10**12, unit="steps", help="stop after this many optimizer steps in total (0: no cap)")
+    bf16: bool = setting(False, identity="changed",
+                         help="forward and backward under bf16 autocast (a GPU speed option; changes the numbers)")
 
     def validate(self) -> None:
         """Check each field's range and choice (`validate_config`); raises `SkdcgnError`."""
@@ -205,20 +207,134 @@ def _recorded_stage(out: Path) -> dict | None:
     return None
 
 
+def _prepare(images: Tensor, labels: Tensor, config: ClassifierConfig | None,
+             monitor: dict[str, tuple[Tensor, Tensor]] | None, hashes: dict[tuple[int, int], str] | None = None
+             ) -> tuple[ClassifierConfig, dict, dict[str, str], torch.device]:
+    """(config, stage, {monitor name: data hash}, device) of a classifier run, its input checked
+    (`SkdcgnError` for bad settings, images, labels or monitor data). hashes: {(id(images), id(labels)):
+    data hash} of tensors hashed already (by several jobs sharing them), filled as it goes."""
+    config = config or ClassifierConfig()
+    config.validate()
+    _check_data(images, labels)
+    for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
+        _check_data(mx, my, n_classes=10**9)
+    if images.shape[-1] != images.shape[-2]:
+        raise SkdcgnError(f"images: expected square images, got {list(images.shape[-2:])}")
+    hashes = {} if hashes is None else hashes
+
+    def hashed(x: Tensor, y: Tensor) -> str:
+        key = (id(x), id(y))
+        if key not in hashes:
+            hashes[key] = data_hash(x, y)
+        return hashes[key]
+
+    monitor_ids = {name: hashed(mx, my) for name, (mx, my) in (monitor or {}).items()}
+    device = resolve_device(config.device)
+    # device is identity=False: where it ran does not change what it is
+    stage = {"stage": "classifier", "train": identity(config), "data": hashed(images, labels), "n": len(labels)}
+    return config, stage, monitor_ids, device
+
+
+def _prepare_stream(stream: CounterfactualStream, config: ClassifierConfig | None,
+                    monitor: dict[str, tuple[Tensor, Tensor]] | None
+                    ) -> tuple[ClassifierConfig, dict, dict[str, str], torch.device]:
+    """`_prepare` for a stream: the stage records the stream's identity instead of a data hash."""
+    config = config or ClassifierConfig()
+    config.validate()
+    if config.max_examples:
+        raise SkdcgnError("max_examples: a stream has no stored set to take a subset of; leave it at 0")
+    for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
+        _check_data(mx, my, n_classes=10**9)
+    monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
+    stage = {"stage": "classifier", "train": identity(config), "stream": stream.identity()}
+    return config, stage, monitor_ids, resolve_device(config.device)
+
+
+def _claim(out: Path, stage: dict, overwrite: bool) -> bool:
+    """True when `out` already holds the finished classifier of `stage`; otherwise make `out` ready
+    for it (a folder of other settings is refused, or emptied with `overwrite`)."""
+    if stage_complete(out, stage):
+        return True
+    if overwrite and (out / CHECKPOINT).is_file() and _is_legacy_checkpoint(out / CHECKPOINT):
+        (out / CHECKPOINT).unlink()  # skdcgn 0.1.0's format cannot be resumed: --overwrite starts over
+    recorded = _recorded_stage(out)
+    if recorded == {"stage_hash": None}:
+        recorded = None  # an unreadable checkpoint holds nothing to keep: started over below, saying so
+    if refuse_other_settings(out, "a classifier", recorded, stage, overwrite):
+        for name in (MANIFEST, CHECKPOINT, LOG, "model.safetensors", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    return False
+
+
+def _subset(n: int, config: ClassifierConfig) -> Tensor | None:
+    """The sorted indices of the seeded training subset (`max_examples`), or None for all `n` images."""
+    if config.max_examples and config.max_examples < n:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(config.seed, "subset")))
+        return keep[:config.max_examples].sort().values
+    return None
+
+
+def _schedule(n: int, config: ClassifierConfig, steps_per_epoch: int | None = None) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of training on `n` images (or a stream's given
+    `steps_per_epoch`)."""
+    steps_per_epoch = steps_per_epoch or -(-n // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    return steps_per_epoch, total_steps
+
+
+def _epoch_order(n: int, config: ClassifierConfig, epoch: int) -> Tensor:
+    """The order int64 [n] in which an epoch visits the training images (seeded by seed and epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(config.seed, "order", epoch)))
+
+
+def _new_classifier(config: ClassifierConfig, image_size: int, device: torch.device
+                    ) -> tuple[Classifier, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The freshly initialised classifier (drawn from the global generator: seed it first), its
+    Adadelta optimizer and StepLR schedule."""
+    model = Classifier(ClassifierNetConfig(arch=config.arch, image_size=image_size)).to(device)
+    opt = torch.optim.Adadelta(model.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.gamma)
+    return model, opt, sched
+
+
+def _resume(out: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LRScheduler, device: torch.device, stage: dict,
+            monitor_ids: dict[str, str]) -> tuple[int, int, list[dict]]:
+    """(epoch, step, log) to continue from: `out`'s checkpoint restored into model, optimizer,
+    schedule and the global generators, or (0, 0, []) when there is none to resume."""
+    if out is None or not (out / CHECKPOINT).is_file():
+        return 0, 0, []
+    if config_hash(checkpoint_stage(out / CHECKPOINT)) != config_hash(stage):  # only an unreadable one gets here
+        logger.warning("%s: unreadable checkpoint; starting over", out / CHECKPOINT)
+        return 0, 0, []
+    epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
+    logger.info("resuming %s after epoch %d (step %d)", out, epoch, step)
+    return epoch, step, _drop_stale_monitoring(log, saved_ids, monitor_ids)
+
+
+def _finish(out: Path, model: Classifier, stage: dict, log: list[dict], metrics: MetricsLog,
+            monitor_ids: dict[str, str], extra: dict | None = None) -> None:
+    """Write the finished classifier into `out`: log, model, and the manifest last (with `extra` entries)."""
+    _write_log(metrics, log)  # again: a run killed between its last checkpoint and its log resumes here
+    metrics.close()
+    model.save_pretrained(out)
+    write_manifest(out, stage, files=("config.json", "model.safetensors"), log=log, n_params=model.get_num_params(),
+                   train_seconds=round(sum(r["seconds"] for r in log), 2),
+                   monitor=monitor_ids, **(extra or {}))
+
+
 class _StoredBatches:
-    """Stored (images, labels), optionally a seeded subset (`config.max_examples`), read in a seeded
-    random order per epoch: batch b of epoch e is the b-th slice of randperm(n, seed (seed, "order", e))."""
+    """Stored (images, labels), optionally a seeded subset (`_subset`), read in a seeded random order
+    per epoch (`_epoch_order`), kept on the GPU when they fit."""
 
     def __init__(self, images: Tensor, labels: Tensor, config: ClassifierConfig, device: torch.device) -> None:
-        if images.shape[-1] != images.shape[-2]:
-            raise SkdcgnError(f"images: expected square images, got {list(images.shape[-2:])}")
-        if config.max_examples and config.max_examples < len(labels):
-            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(derive_seed(config.seed, "subset")))
-            keep = keep[:config.max_examples].sort().values
+        keep = _subset(len(labels), config)
+        if keep is not None:
             images, labels = images[keep], labels[keep]
-        self.n, self.batch_size, self.seed, self.device = len(labels), config.batch_size, config.seed, device
-        self.steps_per_epoch = -(-self.n // config.batch_size)
-        self.image_size = images.shape[-1]
+        self.n, self.config, self.device, self.image_size = len(labels), config, device, images.shape[-1]
+        self.steps_per_epoch = _schedule(self.n, config)[0]
         # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
         # comfortably: one copy instead of one per step
         on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
@@ -226,13 +342,12 @@ class _StoredBatches:
 
     def epoch(self, epoch: int) -> Callable[[int, int], tuple[Tensor, Tensor]]:
         """(batch index in the epoch, global step) → (images float [B, 3, H, W], labels) on the device."""
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch)))
-        order = order.to(self.x.device)
+        order = _epoch_order(self.n, self.config, epoch).to(self.x.device)
+        bs = self.config.batch_size
 
         def take(b: int, step: int) -> tuple[Tensor, Tensor]:
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            return (to_float(self.x[idx]).to(self.device, non_blocking=True),
-                    self.y[idx].to(self.device, non_blocking=True))
+            idx = order[b * bs:(b + 1) * bs]
+            return to_float(self.x[idx]).to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
         return take
 
 
@@ -251,53 +366,20 @@ class _StreamedBatches:
 def _train_classifier(data: tuple[Tensor, Tensor] | CounterfactualStream, config: ClassifierConfig | None,
                       out: Path | None, progress: bool, on_epoch_end: Callable[[int, dict], None] | None,
                       monitor: dict[str, tuple[Tensor, Tensor]] | None, overwrite: bool) -> Classifier:
-    config = config or ClassifierConfig()
-    config.validate()
     streamed = not isinstance(data, tuple)
-    if streamed and config.max_examples:
-        raise SkdcgnError("max_examples: a stream has no stored set to take a subset of; leave it at 0")
-    if not streamed:
-        _check_data(*data)
-    for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
-        _check_data(mx, my, n_classes=10**9)
-    monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
-    device = resolve_device(config.device)
-    # device is identity=False: where it ran does not change what it is
-    stage = ({"stage": "classifier", "train": identity(config), "stream": data.identity()} if streamed else
-             {"stage": "classifier", "train": identity(config), "data": data_hash(*data), "n": len(data[1])})
-    if out is not None and stage_complete(out, stage):
+    config, stage, monitor_ids, device = (_prepare_stream(data, config, monitor) if streamed
+                                          else _prepare(*data, config, monitor))
+    if out is not None and _claim(out, stage, overwrite):
         from .models.pretrained import load_model
         return load_model(out).to(device)
-    if out is not None:
-        if overwrite and (out / CHECKPOINT).is_file() and _is_legacy_checkpoint(out / CHECKPOINT):
-            (out / CHECKPOINT).unlink()  # skdcgn 0.1.0's format cannot be resumed: --overwrite starts over
-        recorded = _recorded_stage(out)
-        if recorded == {"stage_hash": None}:
-            recorded = None  # an unreadable checkpoint holds nothing to keep: started over below, saying so
-        if refuse_other_settings(out, "a classifier", recorded, stage, overwrite):
-            for name in (MANIFEST, CHECKPOINT, LOG, "model.safetensors", "config.json"):
-                (out / name).unlink(missing_ok=True)
 
     source = _StreamedBatches(data, config, device) if streamed else _StoredBatches(*data, config, device)
-    steps_per_epoch = source.steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch, total_steps = _schedule(0, config, source.steps_per_epoch)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        net_config = ClassifierNetConfig(arch=config.arch, image_size=source.image_size)
-        model = Classifier(net_config).to(device)
-        opt = torch.optim.Adadelta(model.parameters(), lr=config.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=config.gamma)
-        epoch, step, log = 0, 0, []
-        if out is not None and (out / CHECKPOINT).is_file():
-            if config_hash(checkpoint_stage(out / CHECKPOINT)) != config_hash(stage):  # only an unreadable one gets here
-                logger.warning("%s: unreadable checkpoint; starting over", out / CHECKPOINT)
-            else:
-                epoch, step, log, saved_ids = _load_checkpoint(out / CHECKPOINT, model, opt, sched, device)
-                log = _drop_stale_monitoring(log, saved_ids, monitor_ids)
-                logger.info("resuming %s after epoch %d (step %d)", out, epoch, step)
+        model, opt, sched = _new_classifier(config, source.image_size, device)
+        epoch, step, log = _resume(out, model, opt, sched, device, stage, monitor_ids)
         metrics = MetricsLog(out / LOG, LOG_FIELDS, "epoch", resumed_at=epoch) if out is not None else None
         while epoch < config.epochs and step < total_steps:
             model.train()
@@ -314,8 +396,9 @@ def _train_classifier(data: tuple[Tensor, Tensor] | CounterfactualStream, config
                        disable=not progress, dynamic_ncols=True, leave=False)
             for b in bar:
                 x, y = take(b, step)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -342,12 +425,7 @@ def _train_classifier(data: tuple[Tensor, Tensor] | CounterfactualStream, config
                 on_epoch_end(epoch, row)
     model.eval()
     if out is not None:
-        _write_log(metrics, log)  # again: a run killed between its last checkpoint and its log resumes here
-        metrics.close()
-        model.save_pretrained(out)
-        write_manifest(out, stage, files=("config.json", "model.safetensors"), log=log, n_params=model.get_num_params(),
-                       train_seconds=round(sum(r["seconds"] for r in log), 2),
-                       monitor=monitor_ids, **({"cgn": data.cgn_name} if streamed else {}))
+        _finish(out, model, stage, log, metrics, monitor_ids, {"cgn": data.cgn_name} if streamed else None)
     return model
 
 

@@ -72,6 +72,11 @@ class RunConfig:
     classifier_epochs: int = setting(1, lo=1, hi=1000, unit="epochs")
     classifier_max_steps: int = setting(0, lo=0, hi=10**9, unit="steps", help="0: full epochs")
     classifier_max_examples: int = setting(0, lo=0, hi=10**9, unit="images", help="0: all images of the dataset")
+    classifier_bf16: bool = setting(False, identity="changed",
+                                    help="classifiers under bf16 autocast (GPU speed; changes the numbers, so their identity)")
+    batch_classifiers: str = setting("auto", choices=("auto", "on", "off"), identity=False,
+                                     help="train a variant's classifiers together in one process (skdcgn.multitrain; "
+                                          "same results within float tolerance): auto = on a GPU, off on a CPU")
     composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
                                          help="composition-study variants (besides standard)")
     rows: tuple[str, ...] = setting(TRAINING_SETS, choices=ALL_TRAINING_SETS,
@@ -220,8 +225,11 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     t = time.perf_counter()
     table, by_epoch = {}, {}
+    stored_rows = [r for r in rows if r not in streams]  # stream rows train one by one, on their streams
+    data, trained = _train_batched(vdir, stored_rows, config, training_data, tests, test_ids, progress, overwrite) \
+        if _batched(config, device) else ({}, {})
     for row in rows:
-        loaded: dict = {}  # the row's training data, loaded once for all seeds and only if needed
+        loaded: dict = {"data": data[row]} if row in data else {}  # the row's data, loaded once for all seeds if needed
 
         def get_data(row: str = row, loaded: dict = loaded):
             if "data" not in loaded:
@@ -231,6 +239,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
         stream = streams.get(row)
         accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress, overwrite,
+                                     trained.get((row, s)),
                                      stream=None if stream is None else (stream[0].to(device), stream[1]))
                 for s, out in enumerate(outs)]
         table[row] = mean_std(accs)
@@ -285,6 +294,51 @@ def _test_by_epoch(outs: list[Path], test_id: str) -> dict | None:
     return {"seeds": seeds, "mean": [round(statistics.fmean(v), 2) for v in zip(*curves)]}
 
 
+def _batched(config: RunConfig, device: torch.device) -> bool:
+    """Whether the run trains a variant's classifiers as one stack (`batch_classifiers`; auto: on a GPU)."""
+    return config.batch_classifiers == "on" or (config.batch_classifiers == "auto" and device.type != "cpu")
+
+
+def _classifier_config(config: RunConfig, seed: int):
+    """The `ClassifierConfig` of a table classifier of `seed` (0-based, offset by the run's seed)."""
+    from .invariance import ClassifierConfig
+
+    return ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed,
+                            device=config.device, max_examples=config.classifier_max_examples,
+                            max_steps=config.classifier_max_steps, bf16=config.classifier_bf16)
+
+
+def _eval_config(config: RunConfig, seed: int, test_ids: dict[str, str]) -> dict:
+    # the classifier's identity: its device is identity=False
+    return {"classifier": identity(_classifier_config(config, seed)), "eval_examples": config.eval_examples,
+            "tests": test_ids}
+
+
+def _train_batched(vdir: Path, rows: list[str], config: RunConfig, training_data, tests, test_ids: dict[str, str],
+                   progress: bool, overwrite: bool) -> tuple[dict, dict]:
+    """Train every (row, seed) classifier of a variant in one `multitrain.train_classifiers` call (the
+    same folders as one by one); returns ({row: (images, labels)}, {(row, seed): classifier}) for
+    `_classifier_accuracy` to score. Every classifier is passed, finished ones included, so that a
+    resumed run stacks them as the first run did; nothing is loaded when every score is recorded."""
+    from .multitrain import ClassifierJob, batchable, train_classifiers
+
+    pairs = [(row, s) for row in rows for s in range(config.seeds)]
+    if not batchable(_classifier_config(config, 0)):
+        logger.info("classifier arch %s is not stacked (dropout); its classifiers train one by one",
+                    config.classifier_arch)
+        return {}, {}
+    if all(stage_complete(vdir / "classifiers" / row / f"seed{s}" / "eval", _eval_config(config, s, test_ids))
+           for row, s in pairs):
+        return {}, {}
+    k = config.eval_examples
+    monitor = {"test": (tests["test"][0][:k], tests["test"][1][:k])}
+    data = {row: training_data(row) for row in rows}
+    jobs = [ClassifierJob(*data[row], _classifier_config(config, s), vdir / "classifiers" / row / f"seed{s}", monitor)
+            for row, s in pairs]
+    _say(progress, f"{len(jobs)} classifiers together")
+    return data, dict(zip(pairs, train_classifiers(jobs, progress=progress, overwrite=overwrite)))
+
+
 def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = None) -> CounterfactualStream:
     """The `CounterfactualStream` of a stream row's classifier `seed`: the stored sets' recipe
     (`per_shape` composites per mask, or `stream_per_shape` when set; standard composer,
@@ -300,37 +354,41 @@ def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = No
                                 steps_per_epoch=steps, cgn_name=cgn_name)
 
 
-def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
-                         progress: bool, overwrite: bool = False, stream: tuple[CGN, str] | None = None) -> dict:
-    """Train (or reuse) one classifier and return its accuracies on train / test / test_iid.
 
+def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
+                         progress: bool, overwrite: bool = False, trained=None, stream: tuple[CGN, str] | None = None
+                         ) -> dict:
+    """Train (or reuse) one classifier and return its accuracies on train / test / test_iid.
+    trained: the classifier `_train_batched` made for it (then it is only scored).
     stream: (CGN, its name) for a stream row: trained on `stream_for(config, cgn, seed)` for the
     stored rows' steps × `stream_budget`; its "train" accuracy is on `eval_examples` composites of
     the same recipe that training never drew (`CounterfactualStream.sample`)."""
-    from .invariance import ClassifierConfig, accuracy, train_classifier, train_classifier_on_stream
+    from .invariance import accuracy, train_classifier, train_classifier_on_stream
 
-    ccfg = ClassifierConfig(arch=config.classifier_arch, epochs=config.classifier_epochs, seed=config.seed + seed, device=config.device,
-                            max_examples=config.classifier_max_examples, max_steps=config.classifier_max_steps)
+    ccfg = _classifier_config(config, seed)
+    eval_cfg = _eval_config(config, seed, test_ids)
     source = None
     if stream is not None:
         source = stream_for(config, stream[0], seed, stream[1])
         ccfg = dataclasses.replace(ccfg, max_examples=0, max_steps=config.classifier_max_steps * config.stream_budget)
-    # the classifier's identity: its device is identity=False
-    eval_cfg = {"classifier": identity(ccfg), "eval_examples": config.eval_examples, "tests": test_ids,
-                **({"stream": source.identity()} if source is not None else {})}
+        eval_cfg = {**eval_cfg, "classifier": identity(ccfg), "stream": source.identity()}
     eval_dir = out / "eval"
     if stage_complete(eval_dir, eval_cfg):
         return read_json(eval_dir / "manifest.json")["accuracy"]
-    _say(progress, f"classifier {row} (seed {seed})")
     k = config.eval_examples
     test_x, test_y = tests["test"]
     monitor = {"test": (test_x[:k], test_y[:k])}
     if source is not None:
+        _say(progress, f"classifier {row} (seed {seed})")
         clf = train_classifier_on_stream(source, ccfg, out, progress=progress, monitor=monitor, overwrite=overwrite)
         acc = {"train": accuracy(clf, *source.sample(k, "train-eval"))}
     else:
         x, y = get_data()
-        clf = train_classifier(x, y, ccfg, out, progress=progress, monitor=monitor, overwrite=overwrite)
+        if trained is not None:
+            clf = trained
+        else:
+            _say(progress, f"classifier {row} (seed {seed})")
+            clf = train_classifier(x, y, ccfg, out, progress=progress, monitor=monitor, overwrite=overwrite)
         sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
         acc = {"train": accuracy(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():
