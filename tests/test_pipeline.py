@@ -118,6 +118,8 @@ def test_record_keys_say_what_differs_from_the_preset():
     partial = summary("default")
     partial["config"].update(rows=["teacher_cf", "student_cf"], seeds=1)
     assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-1seed"
+    partial["config"].update(per_shape=1)  # other counterfactual sets: their own record
+    assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-per-shape1-1seed"
 
 
 def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):
@@ -329,6 +331,38 @@ def test_hybrid_cgn_spec():
                 "hybrid:colored,shape=colored,shape=wildlife"):
         with pytest.raises(SkdcgnError, match="hybrid"):
             skdcgn.load_cgn(bad)
+
+
+def test_stream_rows_train_as_many_steps_as_the_stored_rows(tiny_run, tmp_path):
+    """The stream rows reuse the tiny run's students, store no dataset, and train for the stored
+    rows' steps (× --stream-budget), each classifier seed on its own stream."""
+    import skdcgn
+    from skdcgn.counterfactuals import weights_hash
+    from skdcgn.pipeline import record_key
+
+    run_dir, _ = tiny_run
+    sub = tmp_path / "stream"
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(sub), "--quiet", "--students",
+                 str(run_dir), "--rows", "student_cf", "teacher_stream", "student_stream", "--threads", "1"]) == 0
+    summary = read_json(sub / "results.json")
+    assert set(summary["results"]["colored"]["table"]) == {"student_cf", "teacher_stream", "student_stream"}
+    assert sorted(p.name for p in (sub / "colored" / "datasets").iterdir()) == ["student_cf"]
+    clf = sub / "colored" / "classifiers"
+    steps = read_json(clf / "student_cf" / "seed0" / "manifest.json")["log"][-1]["steps"]
+    for row, cgn in (("teacher_stream", "colored"), ("student_stream", f"students:{run_dir / 'colored'}")):
+        manifest = read_json(clf / row / "seed0" / "manifest.json")
+        assert manifest["log"][-1]["steps"] == steps
+        assert manifest["config"]["stream"]["cgn_weights"] == weights_hash(skdcgn.load_cgn(cgn))
+    assert "| student_stream |" in (sub / "results.md").read_text()
+    assert "-stream" not in record_key(summary, "tiny")
+
+    longer = tmp_path / "stream2x"
+    assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(longer), "--quiet", "--students",
+                 str(run_dir), "--rows", "student_stream", "--stream-budget", "2", "--stream-per-shape", "1",
+                 "--threads", "1"]) == 0
+    manifest = read_json(longer / "colored" / "classifiers" / "student_stream" / "seed0" / "manifest.json")
+    assert manifest["log"][-1]["steps"] == 2 * steps and manifest["config"]["stream"]["per_shape"] == 1
+    assert "-student_stream-stream2x-stream-per-shape1" in record_key(read_json(longer / "results.json"), "tiny")
 
 
 def test_batched_classifiers_give_the_table_of_one_by_one_training(tiny_run, tmp_path, monkeypatch):

@@ -13,6 +13,11 @@ On disk (one folder):
 
 Shard `i` is generated from its own generator, seeded from (seed, i), so an interrupted run
 resumes with the missing shards and produces exactly the files of an uninterrupted one.
+
+Streamed counterfactuals (`CounterfactualStream`): the same recipe sampled inside the classifier's
+training step instead of stored. Batch `s` is a pure function of (seed, s): drawn from a generator
+seeded with `derive_seed(seed, "stream", s)`, so a resumed run draws exactly what an uninterrupted
+one does, and nothing but the step counter is state. Nothing is written to disk.
 """
 from __future__ import annotations
 
@@ -51,29 +56,45 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
 
 
 @torch.no_grad()
+def sample_counterfactuals(cgn, n_shapes: int, per_shape: int, composer: str, counterfactual: bool,
+                           generator: torch.Generator) -> dict[str, Tensor]:
+    """The recipe of one batch of counterfactuals (Sauer & Geiger, ICLR 2021, CGN-MNIST): `n_shapes`
+    masks of uniformly drawn shape classes, each composed with `per_shape` foreground/background
+    pairs whose classes are drawn independently and uniformly (`counterfactual=False`: the shape's
+    class for all three mechanisms), with the study variant `composer`.
+
+    Every draw comes from `generator` (a CPU generator), in the order: shape classes, shape noise
+    (and shift), foreground classes, background classes, foreground noise, background noise,
+    composer. Returns {"images": float [n_shapes · per_shape, 3, H, W] in [-1, 1] on the CGN's
+    device, "labels" (the shape classes, what a classifier learns), "y_fg", "y_bg": int64
+    [n_shapes · per_shape] on the CPU}. The stored datasets and the stream both sample this way.
+    """
+    k = cgn.n_classes
+    y_shape = torch.randint(k, (n_shapes,), generator=generator)
+    mask = cgn.run_mechanism("shape", y_shape, generator)       # [n_shapes, 1, H, W]
+    y = y_shape.repeat_interleave(per_shape)                     # [n_shapes · per_shape]
+    if counterfactual:
+        y_fg = torch.randint(k, (len(y),), generator=generator)  # independent of y and of each other
+        y_bg = torch.randint(k, (len(y),), generator=generator)
+    else:
+        y_fg, y_bg = y, y
+    fg = cgn.run_mechanism("foreground", y_fg, generator)        # [n_shapes · per_shape, 3, H, W]
+    bg = cgn.run_mechanism("background", y_bg, generator)
+    x = compose_variant(composer, mask.repeat_interleave(per_shape, 0), fg, bg, generator)
+    return {"images": x, "labels": y, "y_fg": y_fg.cpu(), "y_bg": y_bg.cpu()}
+
+
+@torch.no_grad()
 def _generate_shard(cgn, n_images: int, per_shape: int, seed: int, shard: int, composer: str,
                     counterfactual: bool, batch_shapes: int) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(derive_seed(seed, "shard", shard))
     n_shapes = math.ceil(n_images / per_shape)
-    k = cgn.n_classes
     out: dict[str, list[Tensor]] = {"images": [], "labels": [], "y_fg": [], "y_bg": []}
     for start in range(0, n_shapes, batch_shapes):
-        b = min(batch_shapes, n_shapes - start)
-        y_shape = torch.randint(k, (b,), generator=g)
-        mask = cgn.run_mechanism("shape", y_shape, g)           # [b, 1, H, W]
-        y = y_shape.repeat_interleave(per_shape)                 # [b · per_shape]
-        if counterfactual:
-            y_fg = torch.randint(k, (len(y),), generator=g)      # independent of y and of each other
-            y_bg = torch.randint(k, (len(y),), generator=g)
-        else:
-            y_fg, y_bg = y, y
-        fg = cgn.run_mechanism("foreground", y_fg, g)            # [b · per_shape, 3, H, W]
-        bg = cgn.run_mechanism("background", y_bg, g)
-        x = compose_variant(composer, mask.repeat_interleave(per_shape, 0), fg, bg, g)
-        out["images"].append(to_uint8(x))
-        out["labels"].append(y)
-        out["y_fg"].append(y_fg.cpu())
-        out["y_bg"].append(y_bg.cpu())
+        part = sample_counterfactuals(cgn, min(batch_shapes, n_shapes - start), per_shape, composer, counterfactual, g)
+        part["images"] = to_uint8(part["images"])
+        for name, t in part.items():
+            out[name].append(t)
     return {name: torch.cat(ts)[:n_images].contiguous() for name, ts in out.items()}
 
 
@@ -237,3 +258,98 @@ def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     if with_classes:
         return images, labels, (torch.cat(parts["y_fg"]), torch.cat(parts["y_bg"]))
     return images, labels
+
+
+# ---- streamed counterfactuals ---------------------------------------------------------------------
+
+STREAM_PREFIX = "stream:"
+
+
+def _on_uint8_grid(images: Tensor) -> Tensor:
+    """Float images in [-1, 1] rounded to the 256 levels a stored dataset keeps, on their own device:
+    bitwise `to_float(to_uint8(images))` without the round trip through the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round_().div_(127.5).sub_(1.0)
+
+
+class CounterfactualStream:
+    """Counterfactuals sampled at every classifier step instead of stored: the recipe of the stored
+    datasets (`sample_counterfactuals`: `per_shape` composites per mask, texture classes drawn
+    independently of the shape's, label = the shape's class), `batch_size` composites per step.
+
+    Batch `step` is drawn from its own CPU generator seeded with `derive_seed(seed, "stream", step)`
+    (sha256 of "seed:stream:step"), then computed on the CGN's device: a pure function of
+    (seed, step), so a run resumed at any step sees the batches of an uninterrupted one and the
+    stream has no state to save. No composite is shown twice: every step has its own seed (a
+    training run visits each step once), and within a batch every composite has its own
+    foreground and background noise and texture shift (the `per_shape` composites of one mask
+    share only the mask). Images come rounded to the uint8 grid of a stored dataset, so a stream
+    and a stored set of the same CGN differ only in how often a composite recurs.
+
+    An "epoch" is `steps_per_epoch` steps (the classifier's StepLR decays per epoch and a checkpoint
+    is written per epoch); the CGN paper's 100,000 images at batch 64 are 1,563 steps.
+
+    cgn: any `CGN` (teacher, students or a hybrid), used in eval mode; `.to(device)` moves it.
+    per_shape: composites per mask in [1, 10,000]; composer: one of `compose.COMPOSERS`;
+    counterfactual: False ties the texture classes to the shape's; seed in [0, 2⁶³ − 1];
+    cgn_name: what the CGN was loaded as (recorded, not part of the identity: its weights are).
+    Raises `SkdcgnError` (one line) for a bad setting.
+    """
+
+    def __init__(self, cgn, per_shape: int = 10, composer: str = "standard", seed: int = 0,
+                 steps_per_epoch: int = 1563, counterfactual: bool = True, cgn_name: str | None = None) -> None:
+        self.per_shape = _check_int("per_shape", per_shape, 1, 10_000)
+        self.seed = _check_int("seed", seed, 0, 2**63 - 1)
+        self.steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1, 10**9)
+        if composer not in COMPOSERS:
+            raise SkdcgnError(f"unknown composer {composer!r}; choose one of: {', '.join(COMPOSERS)}")
+        self.composer, self.counterfactual, self.cgn_name = composer, bool(counterfactual), cgn_name
+        self.cgn = cgn.eval()
+        self.weights = weights_hash(cgn)
+        with torch.no_grad():  # one mask from a throw-away generator: the image side, nothing drawn from the stream
+            self.image_size = int(cgn.run_mechanism("shape", torch.zeros(1, dtype=torch.long),
+                                                    torch.Generator().manual_seed(0)).shape[-1])
+
+    def identity(self) -> dict:
+        """What the stream draws, as the dict a classifier's stage records and hashes instead of a data hash."""
+        return {"cgn_weights": self.weights, "per_shape": self.per_shape, "composer": self.composer,
+                "counterfactual": self.counterfactual, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+
+    def to(self, device: torch.device | str) -> "CounterfactualStream":
+        """Move the CGN to `device` (where the batches are computed); returns the stream."""
+        self.cgn.to(device)
+        return self
+
+    @torch.no_grad()
+    def batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Batch `step` (≥ 0): (images float32 [batch_size, 3, H, W] in [-1, 1], on the uint8 grid,
+        labels int64 [batch_size], the shape classes), both on the CGN's device."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "stream", step))
+        part = sample_counterfactuals(self.cgn, math.ceil(batch_size / self.per_shape), self.per_shape, self.composer,
+                                      self.counterfactual, g)
+        x = _on_uint8_grid(part["images"][:batch_size])
+        return x, part["labels"][:batch_size].to(x.device)
+
+    def sample(self, n: int, purpose: str = "eval", batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+        """`n` composites of the stream's recipe that training never sees (their generators are seeded
+        with (seed, purpose, i), not (seed, "stream", step)): e.g. the in-distribution accuracy of a
+        streamed classifier. Returns (images uint8 [n, 3, H, W] on the CPU, labels int64 [n])."""
+        n = _check_int("n", n, 1, 10**8)
+        xs, ys = [], []
+        for i, start in enumerate(range(0, n, batch_size)):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, purpose, i))
+            m = min(batch_size, n - start)
+            part = sample_counterfactuals(self.cgn, math.ceil(m / self.per_shape), self.per_shape, self.composer,
+                                          self.counterfactual, g)
+            xs.append(to_uint8(part["images"][:m]))
+            ys.append(part["labels"][:m])
+        return torch.cat(xs), torch.cat(ys)
+
+
+def parse_stream_spec(spec: str) -> str:
+    """The CGN spec of `stream:<cgn spec>` (a `skdcgn.load_cgn` name: a shipped teacher,
+    `students:<run dir>`, `hybrid:...`, a CGN folder). Raises `SkdcgnError` for an empty one."""
+    cgn_spec = spec[len(STREAM_PREFIX):].strip() if spec.startswith(STREAM_PREFIX) else ""
+    if not cgn_spec:
+        raise SkdcgnError(f"{spec!r}: expected stream:<cgn> (a shipped teacher name, students:<run dir>, "
+                          "hybrid:... or a CGN folder)")
+    return cgn_spec

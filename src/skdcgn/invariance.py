@@ -2,7 +2,10 @@
 
 The default is the CGN paper's MNIST protocol (the CGN authors' CNN, Adadelta lr 1.0, StepLR
 γ 0.7 per epoch, batch 64, 10 epochs). Training data is whatever tensors you pass: original
-variant data, a counterfactual dataset (`load_image_dataset`), or a mix (`load_training_data`).
+variant data, a counterfactual dataset (`load_image_dataset`), or a mix (`load_training_data`);
+or a stream of counterfactuals sampled at every step (`train_classifier_on_stream` with a
+`counterfactuals.CounterfactualStream`). Both feed one loop through a batch source: stored
+tensors are read in a seeded order per epoch, a stream draws batch `step` from (seed, step).
 
 A training run folder:
     checkpoint.safetensors   after every epoch: weights, optimizer, scheduler, RNG, log (resume)
@@ -19,7 +22,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,9 @@ from .hashing import derive_seed, sha256_of
 from .io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_settings, stage_complete, tensor_file_metadata,
                  write_manifest)
 from .models.classifier import ARCHS, Classifier, ClassifierNetConfig
+
+if TYPE_CHECKING:
+    from .counterfactuals import CounterfactualStream
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +163,35 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
     difference (`io.refuse_other_settings`). `out_dir` is locked while training (`io.folder_lock`).
     Returns the trained classifier in eval mode, on the config's device.
     """
+    return _train_locked((images, labels), config, out_dir, progress, on_epoch_end, monitor, overwrite)
+
+
+def train_classifier_on_stream(stream: CounterfactualStream, config: ClassifierConfig | None = None,
+                               out_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                               on_epoch_end: Callable[[int, dict], None] | None = None,
+                               monitor: dict[str, tuple[Tensor, Tensor]] | None = None,
+                               overwrite: bool = False) -> Classifier:
+    """Train a classifier on streamed counterfactuals (`counterfactuals.CounterfactualStream`): step
+    `s` trains on the stream's batch `s` of `config.batch_size` composites, sampled on the config's
+    device (the stream's CGN is moved there), so no composite is seen twice and nothing is stored.
+
+    Everything else is `train_classifier`'s: an epoch is the stream's `steps_per_epoch` steps
+    (StepLR, checkpoint and log per epoch), `config.max_steps` caps the total, a resumed run ends
+    bitwise identical to an uninterrupted one on CPU, the folder is skipped when complete and
+    refused when made with other settings (unless `overwrite`), `load_classifier(out_dir)` loads
+    the result. The manifest's stage records the stream's identity (its CGN's weights hash, recipe,
+    seed and epoch length) where stored training records a data hash. `config.max_examples` must
+    be 0 (a stream has no set to take a subset of): otherwise `SkdcgnError`.
+    Returns the trained classifier in eval mode, on the config's device.
+    """
+    return _train_locked(stream, config, out_dir, progress, on_epoch_end, monitor, overwrite)
+
+
+def _train_locked(data, config, out_dir, progress, on_epoch_end, monitor, overwrite) -> Classifier:
     if out_dir is None:
-        return _train_classifier(images, labels, config, None, progress, on_epoch_end, monitor, overwrite)
+        return _train_classifier(data, config, None, progress, on_epoch_end, monitor, overwrite)
     with folder_lock(out_dir):
-        return _train_classifier(images, labels, config, Path(out_dir), progress, on_epoch_end, monitor, overwrite)
+        return _train_classifier(data, config, Path(out_dir), progress, on_epoch_end, monitor, overwrite)
 
 
 def _recorded_stage(out: Path) -> dict | None:
@@ -204,6 +235,21 @@ def _prepare(images: Tensor, labels: Tensor, config: ClassifierConfig | None,
     return config, stage, monitor_ids, device
 
 
+def _prepare_stream(stream: CounterfactualStream, config: ClassifierConfig | None,
+                    monitor: dict[str, tuple[Tensor, Tensor]] | None
+                    ) -> tuple[ClassifierConfig, dict, dict[str, str], torch.device]:
+    """`_prepare` for a stream: the stage records the stream's identity instead of a data hash."""
+    config = config or ClassifierConfig()
+    config.validate()
+    if config.max_examples:
+        raise SkdcgnError("max_examples: a stream has no stored set to take a subset of; leave it at 0")
+    for mx, my in (monitor or {}).values():  # bad monitor data fails now, not after the first epoch
+        _check_data(mx, my, n_classes=10**9)
+    monitor_ids = {name: data_hash(mx, my) for name, (mx, my) in (monitor or {}).items()}
+    stage = {"stage": "classifier", "train": identity(config), "stream": stream.identity()}
+    return config, stage, monitor_ids, resolve_device(config.device)
+
+
 def _claim(out: Path, stage: dict, overwrite: bool) -> bool:
     """True when `out` already holds the finished classifier of `stage`; otherwise make `out` ready
     for it (a folder of other settings is refused, or emptied with `overwrite`)."""
@@ -228,9 +274,10 @@ def _subset(n: int, config: ClassifierConfig) -> Tensor | None:
     return None
 
 
-def _schedule(n: int, config: ClassifierConfig) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) of training on `n` images."""
-    steps_per_epoch = -(-n // config.batch_size)
+def _schedule(n: int, config: ClassifierConfig, steps_per_epoch: int | None = None) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of training on `n` images (or a stream's given
+    `steps_per_epoch`)."""
+    steps_per_epoch = steps_per_epoch or -(-n // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -268,43 +315,76 @@ def _resume(out: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
 
 
 def _finish(out: Path, model: Classifier, stage: dict, log: list[dict], metrics: MetricsLog,
-            monitor_ids: dict[str, str]) -> None:
-    """Write the finished classifier into `out`: log, model, and the manifest last."""
+            monitor_ids: dict[str, str], extra: dict | None = None) -> None:
+    """Write the finished classifier into `out`: log, model, and the manifest last (with `extra` entries)."""
     _write_log(metrics, log)  # again: a run killed between its last checkpoint and its log resumes here
     metrics.close()
     model.save_pretrained(out)
     write_manifest(out, stage, files=("config.json", "model.safetensors"), log=log, n_params=model.get_num_params(),
                    train_seconds=round(sum(r["seconds"] for r in log), 2),
-                   monitor=monitor_ids)
+                   monitor=monitor_ids, **(extra or {}))
 
 
-def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | None, out: Path | None,
-                      progress: bool, on_epoch_end: Callable[[int, dict], None] | None,
+class _StoredBatches:
+    """Stored (images, labels), optionally a seeded subset (`_subset`), read in a seeded random order
+    per epoch (`_epoch_order`), kept on the GPU when they fit."""
+
+    def __init__(self, images: Tensor, labels: Tensor, config: ClassifierConfig, device: torch.device) -> None:
+        keep = _subset(len(labels), config)
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
+        self.n, self.config, self.device, self.image_size = len(labels), config, device, images.shape[-1]
+        self.steps_per_epoch = _schedule(self.n, config)[0]
+        # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
+        # comfortably: one copy instead of one per step
+        on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
+        self.x, self.y = (images.to(device), labels.to(device)) if on_device else (images, labels)
+
+    def epoch(self, epoch: int) -> Callable[[int, int], tuple[Tensor, Tensor]]:
+        """(batch index in the epoch, global step) → (images float [B, 3, H, W], labels) on the device."""
+        order = _epoch_order(self.n, self.config, epoch).to(self.x.device)
+        bs = self.config.batch_size
+
+        def take(b: int, step: int) -> tuple[Tensor, Tensor]:
+            idx = order[b * bs:(b + 1) * bs]
+            return to_float(self.x[idx]).to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
+        return take
+
+
+class _StreamedBatches:
+    """A `CounterfactualStream` as a batch source: batch b of any epoch is the stream's batch at the global step."""
+
+    def __init__(self, stream: CounterfactualStream, config: ClassifierConfig, device: torch.device) -> None:
+        self.stream, self.batch_size = stream.to(device), config.batch_size
+        self.steps_per_epoch, self.image_size = stream.steps_per_epoch, stream.image_size
+
+    def epoch(self, epoch: int) -> Callable[[int, int], tuple[Tensor, Tensor]]:
+        """(batch index in the epoch, global step) → the stream's batch `step`, on the device."""
+        return lambda b, step: self.stream.batch(step, self.batch_size)
+
+
+def _train_classifier(data: tuple[Tensor, Tensor] | CounterfactualStream, config: ClassifierConfig | None,
+                      out: Path | None, progress: bool, on_epoch_end: Callable[[int, dict], None] | None,
                       monitor: dict[str, tuple[Tensor, Tensor]] | None, overwrite: bool) -> Classifier:
-    config, stage, monitor_ids, device = _prepare(images, labels, config, monitor)
+    streamed = not isinstance(data, tuple)
+    config, stage, monitor_ids, device = (_prepare_stream(data, config, monitor) if streamed
+                                          else _prepare(*data, config, monitor))
     if out is not None and _claim(out, stage, overwrite):
         from .models.pretrained import load_model
         return load_model(out).to(device)
 
-    keep = _subset(len(labels), config)
-    if keep is not None:
-        images, labels = images[keep], labels[keep]
-    n = len(labels)
-    steps_per_epoch, total_steps = _schedule(n, config)
+    source = _StreamedBatches(data, config, device) if streamed else _StoredBatches(*data, config, device)
+    steps_per_epoch, total_steps = _schedule(0, config, source.steps_per_epoch)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        model, opt, sched = _new_classifier(config, images.shape[-1], device)
+        model, opt, sched = _new_classifier(config, source.image_size, device)
         epoch, step, log = _resume(out, model, opt, sched, device, stage, monitor_ids)
         metrics = MetricsLog(out / LOG, LOG_FIELDS, "epoch", resumed_at=epoch) if out is not None else None
-        # a GPU run keeps the whole set on the GPU (uint8: 100k MNIST-size images are 300 MB) when it fits
-        # comfortably: one copy instead of one per step
-        on_device = device.type != "cpu" and images.element_size() * images.numel() <= _MAX_DEVICE_DATA_BYTES
-        data_x, data_y = (images.to(device), labels.to(device)) if on_device else (images, labels)
         while epoch < config.epochs and step < total_steps:
             model.train()
             t0 = time.perf_counter()
-            order = _epoch_order(n, config, epoch).to(data_x.device)
+            take = source.epoch(epoch)  # (batch b of this epoch, global step) → (x, y) on the device
             n_batches = min(steps_per_epoch, total_steps - step)
             # running sums stay on the device (float64: the same sums as Python floats) so that a GPU
             # step does not wait for the previous one; read every 50 steps for the progress bar
@@ -315,9 +395,7 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
             bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                        disable=not progress, dynamic_ncols=True, leave=False)
             for b in bar:
-                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-                x = to_float(data_x[idx]).to(device, non_blocking=True)
-                y = data_y[idx].to(device, non_blocking=True)
+                x, y = take(b, step)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -347,7 +425,7 @@ def _train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig |
                 on_epoch_end(epoch, row)
     model.eval()
     if out is not None:
-        _finish(out, model, stage, log, metrics, monitor_ids)
+        _finish(out, model, stage, log, metrics, monitor_ids, {"cgn": data.cgn_name} if streamed else None)
     return model
 
 

@@ -13,6 +13,10 @@ Table 2, extended) and the composition-study rows are classifiers trained on:
 - `student_cf+original`: student counterfactuals and the original training images;
 - `hybrid_teacher_shape`, `hybrid_student_shape` (on request, `--rows`): counterfactuals of a CGN
   whose shape mechanism comes from the teacher and textures from the students, or the reverse;
+- `teacher_stream`, `student_stream` (on request, `--rows`): counterfactuals of the teacher or the
+  students sampled at every classifier step (`counterfactuals.CounterfactualStream`, seeded by the
+  step, nothing stored, no composite seen twice), for the stored rows' number of steps times
+  `stream_budget`;
 - `study_<composer>`: student counterfactuals composed with a composition-study variant.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,9 +37,13 @@ from .data.variants import BUILD_VERSION, VARIANTS
 from .models.cgn import CGN
 from .models.classifier import ARCHS
 from .io import config_hash, folder_lock, read_json, stage_complete, write_json, write_manifest
-from .results.records import HYBRID_TRAINING_SETS, TRAINING_SETS, command_line, data_build, hardware_info, mean_std
+from .results.records import (ALL_TRAINING_SETS, STREAM_TRAINING_SETS, TRAINING_SETS, command_line, data_build,
+                              hardware_info, mean_std)
 from .results.render import write_results
 from .results.report import write_run_report
+
+if TYPE_CHECKING:
+    from .counterfactuals import CounterfactualStream
 
 logger = logging.getLogger(__name__)
 STUDY_COMPOSERS = tuple(c for c in COMPOSERS if c != "standard")  # the composition study's variants
@@ -45,7 +54,7 @@ class RunConfig:
     """What `skdcgn run` does per variant: the teacher (shipped or trained), the students (distilled
     with a distillation preset, or reused from an earlier run), the counterfactual sets (images per
     set, counterfactuals per mask) and the classifiers (rows, seeds, architecture, epochs, caps).
-    Each field's choices (VARIANTS, TRAINING_SETS + HYBRID_TRAINING_SETS, COMPOSERS, the classifier architectures)
+    Each field's choices (VARIANTS, ALL_TRAINING_SETS, COMPOSERS, the classifier architectures)
     or range is its `setting` metadata, checked by `validate()`, which raises `SkdcgnError` naming
     the field. Presets: `PRESETS` (YAML files in skdcgn/configs/run/)."""
 
@@ -70,8 +79,14 @@ class RunConfig:
                                           "same results within float tolerance): auto = on a GPU, off on a CPU")
     composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
                                          help="composition-study variants (besides standard)")
-    rows: tuple[str, ...] = setting(TRAINING_SETS, choices=TRAINING_SETS + HYBRID_TRAINING_SETS,
+    rows: tuple[str, ...] = setting(TRAINING_SETS, choices=ALL_TRAINING_SETS,
                                     help="which table rows to train (a subset saves hours on a CPU)")
+    stream_budget: int = setting(1, lo=1, hi=1000, unit="×",
+                                 help="the stream rows train for this many times the stored rows' steps (steps per "
+                                      "epoch and max steps both scaled: the same learning-rate schedule, stretched)")
+    stream_per_shape: int = setting(0, lo=0, hi=1000, unit="images",
+                                    help="composites per mask in a stream row's batch; 0: per_shape (the stored recipe); "
+                                         "1: every composite of a batch has its own mask")
     eval_examples: int = setting(10_000, lo=10, hi=10**6, unit="images", help="images per split used for the accuracy table")
     device: str = setting("auto", identity=False, help="auto | cpu | cuda[:N]")
     threads: int = setting(0, lo=0, hi=1024, identity=False, unit="threads",
@@ -176,7 +191,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
 
     # counterfactual datasets
     t = time.perf_counter()
-    rows = [r for r in TRAINING_SETS + HYBRID_TRAINING_SETS if r in config.rows] + [f"study_{c}" for c in config.composers]
+    rows = [r for r in ALL_TRAINING_SETS if r in config.rows] + [f"study_{c}" for c in config.composers]
     datasets = {
         "teacher_samples": (teacher, "standard", False),
         "teacher_cf": (teacher, "standard", True),
@@ -205,9 +220,13 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             x, y = torch.cat([x, train[0]]), torch.cat([y, train[1]])
         return x, y
 
+    streams = {"teacher_stream": (teacher, variant if config.teacher == "shipped" else f"{vdir}/teacher"),
+               "student_stream": (students, f"students:{sdir}")}
+
     t = time.perf_counter()
     table, by_epoch = {}, {}
-    data, trained = _train_batched(vdir, rows, config, training_data, tests, test_ids, progress, overwrite) \
+    stored_rows = [r for r in rows if r not in streams]  # stream rows train one by one, on their streams
+    data, trained = _train_batched(vdir, stored_rows, config, training_data, tests, test_ids, progress, overwrite) \
         if _batched(config, device) else ({}, {})
     for row in rows:
         loaded: dict = {"data": data[row]} if row in data else {}  # the row's data, loaded once for all seeds if needed
@@ -218,8 +237,11 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
             return loaded["data"]
 
         outs = [vdir / "classifiers" / row / f"seed{s}" for s in range(config.seeds)]
+        stream = streams.get(row)
         accs = [_classifier_accuracy(out, row, s, config, get_data, tests, test_ids, progress, overwrite,
-                                     trained.get((row, s))) for s, out in enumerate(outs)]
+                                     trained.get((row, s)),
+                                     stream=None if stream is None else (stream[0].to(device), stream[1]))
+                for s, out in enumerate(outs)]
         table[row] = mean_std(accs)
         if (curve := _test_by_epoch(outs, test_ids["test"])) is not None:
             by_epoch[row] = curve
@@ -317,28 +339,58 @@ def _train_batched(vdir: Path, rows: list[str], config: RunConfig, training_data
     return data, dict(zip(pairs, train_classifiers(jobs, progress=progress, overwrite=overwrite)))
 
 
+def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = None) -> CounterfactualStream:
+    """The `CounterfactualStream` of a stream row's classifier `seed`: the stored sets' recipe
+    (`per_shape` composites per mask, or `stream_per_shape` when set; standard composer,
+    counterfactual classes), seeded with the classifier's seed (config.seed + seed), with as many
+    steps per epoch as a stored row trains on (its min(n_counterfactuals, classifier_max_examples)
+    images at batch 64) times `stream_budget`. Raises `SkdcgnError` for a bad setting."""
+    from .counterfactuals import CounterfactualStream
+    from .invariance import ClassifierConfig
+
+    n = min(config.n_counterfactuals, config.classifier_max_examples or config.n_counterfactuals)
+    steps = -(-n // ClassifierConfig.batch_size) * config.stream_budget
+    return CounterfactualStream(cgn, per_shape=config.stream_per_shape or config.per_shape, seed=config.seed + seed,
+                                steps_per_epoch=steps, cgn_name=cgn_name)
+
+
+
 def _classifier_accuracy(out: Path, row: str, seed: int, config: RunConfig, get_data, tests, test_ids: dict[str, str],
-                         progress: bool, overwrite: bool = False, trained=None) -> dict:
+                         progress: bool, overwrite: bool = False, trained=None, stream: tuple[CGN, str] | None = None
+                         ) -> dict:
     """Train (or reuse) one classifier and return its accuracies on train / test / test_iid.
-    trained: the classifier `_train_batched` made for it (then it is only scored)."""
-    from .invariance import accuracy, train_classifier
+    trained: the classifier `_train_batched` made for it (then it is only scored).
+    stream: (CGN, its name) for a stream row: trained on `stream_for(config, cgn, seed)` for the
+    stored rows' steps × `stream_budget`; its "train" accuracy is on `eval_examples` composites of
+    the same recipe that training never drew (`CounterfactualStream.sample`)."""
+    from .invariance import accuracy, train_classifier, train_classifier_on_stream
 
     ccfg = _classifier_config(config, seed)
     eval_cfg = _eval_config(config, seed, test_ids)
+    source = None
+    if stream is not None:
+        source = stream_for(config, stream[0], seed, stream[1])
+        ccfg = dataclasses.replace(ccfg, max_examples=0, max_steps=config.classifier_max_steps * config.stream_budget)
+        eval_cfg = {**eval_cfg, "classifier": identity(ccfg), "stream": source.identity()}
     eval_dir = out / "eval"
     if stage_complete(eval_dir, eval_cfg):
         return read_json(eval_dir / "manifest.json")["accuracy"]
-    x, y = get_data()
     k = config.eval_examples
     test_x, test_y = tests["test"]
-    if trained is not None:
-        clf = trained
-    else:
+    monitor = {"test": (test_x[:k], test_y[:k])}
+    if source is not None:
         _say(progress, f"classifier {row} (seed {seed})")
-        clf = train_classifier(x, y, ccfg, out, progress=progress, monitor={"test": (test_x[:k], test_y[:k])},
-                               overwrite=overwrite)
-    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
-    acc = {"train": accuracy(clf, x[sub], y[sub])}
+        clf = train_classifier_on_stream(source, ccfg, out, progress=progress, monitor=monitor, overwrite=overwrite)
+        acc = {"train": accuracy(clf, *source.sample(k, "train-eval"))}
+    else:
+        x, y = get_data()
+        if trained is not None:
+            clf = trained
+        else:
+            _say(progress, f"classifier {row} (seed {seed})")
+            clf = train_classifier(x, y, ccfg, out, progress=progress, monitor=monitor, overwrite=overwrite)
+        sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))[:k]
+        acc = {"train": accuracy(clf, x[sub], y[sub])}
     for split, (tx, ty) in tests.items():
         acc[split] = accuracy(clf, tx[:k], ty[:k])
     write_manifest(eval_dir, eval_cfg, accuracy=acc)
@@ -383,6 +435,12 @@ def record_key(summary: dict, preset: str) -> str:
     rows = tuple(cfg.get("rows", TRAINING_SETS))
     if rows != TRAINING_SETS:
         key += "-" + "+".join(rows)
+    per_shape = cfg.get("per_shape", RunConfig.per_shape)
+    if per_shape != PRESETS.get(preset, {}).get("per_shape", RunConfig.per_shape):  # other counterfactual sets
+        key += f"-per-shape{per_shape}"
+    if set(rows) & set(STREAM_TRAINING_SETS):
+        key += f"-stream{cfg['stream_budget']}x" if cfg.get("stream_budget", 1) != 1 else ""
+        key += f"-stream-per-shape{cfg['stream_per_shape']}" if cfg.get("stream_per_shape", 0) else ""
     seeds = cfg["seeds"]
     if seeds != PRESETS.get(preset, {}).get("seeds", RunConfig.seeds):
         key += f"-{seeds}seed" + ("s" if seeds > 1 else "")

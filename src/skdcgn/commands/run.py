@@ -7,8 +7,8 @@ import time
 
 from . import write_dumped_config
 from ..config import add_config_arguments, config_from_args, load_yaml
-from ..pipeline import PRESETS, TRAINING_SETS, VARIANTS, RunConfig, run
-from ..results.records import HYBRID_TRAINING_SETS
+from ..pipeline import PRESETS, VARIANTS, RunConfig, run
+from ..results.records import ALL_TRAINING_SETS
 from ..results.render import format_table
 
 
@@ -44,7 +44,7 @@ def run_command(args: argparse.Namespace) -> None:
     if write_dumped_config(args, config):
         return
     run_dir = args.run_dir or f"runs/{args.preset}"
-    rows = [r for r in TRAINING_SETS + HYBRID_TRAINING_SETS if r in config.rows] + [f"study_{c}" for c in config.composers]
+    rows = [r for r in ALL_TRAINING_SETS if r in config.rows] + [f"study_{c}" for c in config.composers]
     print(f"[skdcgn run] {', '.join(config.variants)}: rows {', '.join(rows) or '(none)'}; {config.seeds} seed(s) each "
           f"→ {run_dir}", flush=True)
     t0 = time.perf_counter()

@@ -24,6 +24,12 @@ TRAINING_SETS = ("original", "teacher_samples", "teacher_cf", "student_cf", "stu
 # Hybrid CGNs (one mechanism from the teacher, the others from the students): which mechanism
 # costs the students' counterfactuals accuracy. Trained only when asked for (`--rows`).
 HYBRID_TRAINING_SETS = ("hybrid_teacher_shape", "hybrid_student_shape")
+# Streamed counterfactuals (`counterfactuals.CounterfactualStream`): the teacher's or the students'
+# counterfactuals sampled at every classifier step, never one twice, for as many steps as the
+# stored rows (times the run's `stream_budget`). Trained only when asked for (`--rows`).
+STREAM_TRAINING_SETS = ("teacher_stream", "student_stream")
+# every row a run can train, in the table's order
+ALL_TRAINING_SETS = TRAINING_SETS + HYBRID_TRAINING_SETS + STREAM_TRAINING_SETS
 
 
 def hardware_info(device: torch.device) -> dict:

@@ -13,7 +13,7 @@ from ..data.variants import VARIANTS
 from .._version import __version__
 from ..errors import SkdcgnError
 from ..io import config_hash, read_json, write_bytes, write_json
-from .records import HYBRID_TRAINING_SETS, TRAINING_SETS, data_build, format_mean_std
+from .records import ALL_TRAINING_SETS, STREAM_TRAINING_SETS, data_build, format_mean_std
 
 
 def write_results(out: str | os.PathLike, record: dict, supersedes: Callable[[dict], bool] | None = None) -> list[str]:
@@ -193,7 +193,7 @@ def _render_masks(health: dict) -> list[str]:
 def table_rows(results: dict) -> list[str]:
     """The rows present in `results`, in the table's order (JSON files keep keys sorted)."""
     names = {r for v in results.values() for r in v["table"]}
-    order = [*TRAINING_SETS, *HYBRID_TRAINING_SETS, *(f"study_{c}" for c in COMPOSERS)]
+    order = [*ALL_TRAINING_SETS, *(f"study_{c}" for c in COMPOSERS)]
     return [r for r in order if r in names] + sorted(names - set(order))
 
 
@@ -275,7 +275,16 @@ def _settings_text(cfg: dict, students_from: str | None = None) -> str:
             f"images per counterfactual set ({cfg['per_shape']} per shape), classifier `{cfg['classifier_arch']}`, "
             f"{cfg['classifier_epochs']} epochs" + (f" capped at {cfg['classifier_max_steps']} steps" if cfg["classifier_max_steps"] else "")
             + (f" on ≤ {cfg['classifier_max_examples']:,} images" if cfg["classifier_max_examples"] else "")
-            + f", accuracy on {cfg['eval_examples']:,} images per split")
+            + f", accuracy on {cfg['eval_examples']:,} images per split" + _stream_text(cfg))
+
+
+def _stream_text(cfg: dict) -> str:
+    """The stream rows' settings, for records that trained any (none otherwise)."""
+    if not set(cfg.get("rows", ())) & set(STREAM_TRAINING_SETS):
+        return ""
+    budget = cfg.get("stream_budget", 1)
+    return (f"; stream rows: {cfg.get('stream_per_shape') or cfg['per_shape']} per mask, "
+            + ("the stored rows' steps" if budget == 1 else f"{budget}× the stored rows' steps"))
 
 
 def render_record(rec: dict) -> list[str]:
