@@ -298,6 +298,14 @@ def test_a_tar_set_trains_the_ensemble_epoch_after_epoch(cgn, tmp_path):
     assert list(map(key, first[:8])) != list(map(key, first[8:16]))  # another order each epoch
     assert list(map(key, itertools.islice(ShardEpochs(out, seed=5), 20))) == list(map(key, first))  # repeatable
     assert epochs.identity() == ShardEpochs(out, seed=5).identity() != ShardEpochs(out, seed=6).identity()
+    # a damaged shard is named before training starts, not when an epoch reaches it
+    import shutil
+    shutil.copytree(out, tmp_path / "bad")
+    with open(tmp_path / "bad" / "shard-000001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"oops")
+    with pytest.raises(SkdcgnError, match="shard-000001.tar: sha256"):
+        ShardEpochs(tmp_path / "bad")
     real = real_tree(tmp_path / "real")
     assert main(["imagenet", "train-classifier", "--real", str(real), "--counterfactuals", f"shards:{out}",
                  "--out", str(tmp_path / "clf"), "--arch", "tiny", "--image-size", "32", "--steps", "3",

@@ -92,4 +92,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         filter_labels(data, tmp_path / "o", per_shape=3)
     assert main(["label-noise", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nowhere" in err[0]
+    assert len(err) == 1 and "nowhere: no such folder" in err[0]
+    # a tar set (ImageNet) is not what it filters; said in one line
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    write_manifest(tars, {"stage": "imagenet_counterfactuals"}, shards=[{"file": "shard-000000.tar", "count": 1}])
+    with pytest.raises(SkdcgnError, match="a tar set"):
+        filter_labels(tars, tmp_path / "o")
+    # a malformed command line is one line too, not argparse's usage block
+    with pytest.raises(SystemExit) as e:
+        main(["label-noise", "--data", str(data), "--out", str(tmp_path / "o"), "--folds", "two"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("skdcgn: error: argument --folds") and err[0].endswith("see `skdcgn label-noise --help`")

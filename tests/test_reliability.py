@@ -211,7 +211,7 @@ CASES = [
     ("clf-unknown-arch", lambda t: _clf_train(t, "--arch", "resnet"), "arch"),
     ("clf-unknown-variant", lambda t: ["classify", "train", "--data", "variant:nope", "--out", t / "o"], "unknown variant"),
     ("clf-unknown-split", lambda t: ["classify", "train", "--data", "variant:colored:val", "--out", t / "o"], "unknown split"),
-    ("clf-missing-data", lambda t: ["classify", "train", "--data", t / "nowhere", "--out", t / "o"], "manifest.json"),
+    ("clf-missing-data", lambda t: ["classify", "train", "--data", t / "nowhere", "--out", t / "o"], "no such folder"),
     ("eval-batch-size-zero", lambda t: _eval(t) + ["--batch-size", "0"], "--batch-size"),
     ("distill-steps-zero", lambda t: _distill(t, "--steps", "0"), "steps"),
     ("distill-lr-nan", lambda t: _distill(t, "--lr-g", "nan"), "NaN"),

@@ -14,7 +14,7 @@ import importlib
 import logging
 import signal
 import sys
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from ._version import __version__
 from .errors import SkdcgnError
@@ -22,9 +22,19 @@ from .errors import SkdcgnError
 COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "label_noise", "classify", "imagenet", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a malformed command line is one line too (`skdcgn: error: …; see … --help`),
+    like every other bad input, instead of the usage block; exit code 2 as argparse's. Subcommand
+    parsers inherit it (argparse makes them of their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the one line for `message` and exit with code 2."""
+        self.exit(2, f"skdcgn: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `skdcgn` argument parser with one subparser per module in `COMMANDS` (imported here)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="skdcgn",
         description="Source-free knowledge distillation of counterfactual generative networks.")
     parser.add_argument("--version", action="version", version=f"skdcgn {__version__}")

@@ -212,10 +212,15 @@ def load_image_dataset(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     folder = Path(folder)
     if dtype not in (torch.float32, torch.uint8):
         raise SkdcgnError(f"dtype: expected torch.float32 or torch.uint8, got {dtype}")
+    if not folder.is_dir():
+        raise SkdcgnError(f"{folder}: no such folder")
     if not (folder / MANIFEST).is_file():
         raise SkdcgnError(f"{folder}: no {MANIFEST}; not a dataset, or its generation did not finish (run it again to resume)")
     manifest = read_json(folder / MANIFEST)
     shards, k = manifest.get("shards"), manifest.get("n_classes")
+    if isinstance(shards, list) and any(isinstance(s, dict) and str(s.get("file", "")).endswith(".tar") for s in shards):
+        raise SkdcgnError(f"{folder}: a tar set (`skdcgn counterfactuals --format tar`, read by skdcgn.data.shards); "
+                          "this needs a safetensors counterfactual set")
     if not isinstance(shards, list) or not shards or not isinstance(k, int) or k < 1:
         raise SkdcgnError(f"{folder / MANIFEST}: expected a non-empty 'shards' list and 'n_classes'")
     parts: dict[str, list[Tensor]] = {"images": [], "labels": [], "y_fg": [], "y_bg": []}

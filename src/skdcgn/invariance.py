@@ -477,6 +477,9 @@ def load_training_data(specs: list[str]) -> tuple[Tensor, Tensor]:
     if not specs:
         raise SkdcgnError("no training data given")
     parts = [load_source(s) for s in specs]
+    for spec, (_, y) in zip(specs, parts):
+        if len(y) == 0:
+            raise SkdcgnError(f"{spec}: holds no images")
     shapes = {tuple(x.shape[1:]) for x, _ in parts}
     if len(shapes) != 1:
         raise SkdcgnError(f"training sources have different image shapes: {sorted(shapes)}")

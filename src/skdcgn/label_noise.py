@@ -171,6 +171,9 @@ def filter_labels(data: str | os.PathLike, out_dir: str | os.PathLike, config: C
                               f"{max_flagged}; the fold classifiers read only {100 * oof_accuracy:.1f}% of held-out "
                               "masks as their label: train them longer (epochs, max_steps) before filtering")
         keep = ~issue[groups]                                                # [N]
+        if not keep.any():
+            raise SkdcgnError(f"{out}: every mask flagged, nothing to keep; the fold classifiers read "
+                              f"{100 * oof_accuracy:.1f}% of held-out masks as their label: train them longer")
         save_tensors(out / SCORES, {"labels": group_labels, "probabilities": group_probs, "issue": issue.to(torch.uint8),
                                     "read": read, "thresholds": thresholds})
         _save_flagged(images, groups, issue, group_labels, read, per_shape, out / FLAGGED)
@@ -220,5 +223,7 @@ def _save_flagged(images: Tensor, groups: Tensor, issue: Tensor, labels: Tensor,
         grid = image_grid(torch.zeros(1, 3, *images.shape[2:]) - 1, 1, title="no mask flagged")
     else:
         reads = ", ".join(f"{int(labels[g])} as {int(read[g])}" for g in flagged.tolist())
-        grid = image_grid(to_float(images[idx]), cols, title=f"flagged masks (label, read as): {reads}", row_labels=names)
+        shown = f"the first {len(flagged)} of {int(issue.sum())}" if int(issue.sum()) > len(flagged) else "all"
+        grid = image_grid(to_float(images[idx]), cols, title=f"flagged masks, {shown} (label as read): {reads}",
+                          row_labels=names)
     save_png(grid, path)

@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                         else "256, as the CGN authors") + ")")
         e.add_argument("--crop", type=int, default=None if name == "in9" else 224,
                        help="centre crop (default: " + ("none" if name == "in9" else "224") + ")")
-        e.add_argument("--batch-size", type=int, default=64)
+        e.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
         e.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         e.add_argument("--out", default=None, metavar="JSON", help="also write the results (and the paper's) here")
         e.add_argument("--quiet", action="store_true", help="no progress bars")

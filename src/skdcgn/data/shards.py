@@ -288,11 +288,20 @@ class ShardEpochs:
     e + 1 follows. Iterating again starts again at epoch 0 with the same samples, so a resumed
     trainer that skips the samples it used (`imagenet_classifier.StoredCounterfactuals`) reads on
     exactly where it stopped. Items as `iter_shard_samples`; raises SkdcgnError for a set without
-    samples."""
+    samples, and (with `verify`, for a set with a manifest) at construction for a shard whose
+    SHA-256 differs from the one recorded."""
 
     def __init__(self, source: Source, seed: int = 0, verify: bool = True) -> None:
         self.source, self.seed, self.verify = source, seed, verify
         self.paths = shard_paths(source)  # a bad source fails now, not at the first step
+        folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
+        if verify and folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
+            # every shard against its recorded digest before training starts: a damaged one is named
+            # now, not when an epoch reaches it, and `identity` (the recorded digests) is then true
+            paths, _, digests, _ = _manifest_shards(folder)
+            for path, digest in zip(paths, digests):
+                if digest is not None:
+                    verify_file(path, digest, folder / MANIFEST)
 
     def identity(self) -> dict:
         """What the set is, for a stage hash: its shards' names and SHA-256 (from the manifest when
