@@ -25,24 +25,15 @@ args() {  # variant
        "--run-dir runs/students-$PRESET-$DISTILL-$1 --quiet"
 }
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
-declare -A pid
-for v in colored double_colored wildlife; do
-  timeout "$(left)" python3 -m skdcgn run $(args "$v") > "$LOGS/$v.log" 2>&1 &
-  pid[$v]=$!
-done
-for v in colored double_colored wildlife; do
-  if wait "${pid[$v]}"; then
-    [ -n "$RECORD" ] && python3 -m skdcgn run $(args "$v") --record "$RECORD" >> "$LOGS/$v.log" 2>&1
-    echo "$v: done$([ -n "$RECORD" ] && echo ", recorded") ($(left) s left)"
-    python3 - "runs/students-$PRESET-$DISTILL-$v/$v/distill/eval.json" <<'PY'
+after_variant() {  # the shape student's final held-out numbers, from its learning curve's evaluation
+  python3 - "runs/students-$PRESET-$DISTILL-$1/$1/distill/eval.json" <<'PY'
 import json, sys
 ev = json.load(open(sys.argv[1]))["mechanisms"]["shape"]
 print("  shape student: IoU@0.5 %.3f, binariness %.3f (teacher %.3f)" % (ev["iou@0.5"], ev["binariness"], ev["teacher_binariness"]))
 PY
-  else
-    echo "$v: not finished in the budget ($(left) s left); rerun the script to resume it"
-  fi
-done
+}
+source "$(dirname "$0")/side_by_side.sh"
+run_side_by_side colored double_colored wildlife
 if [ -n "${OUT:-}" ]; then
   cp -r "$LOGS" "$OUT/" 2>/dev/null
   cp docs/results.md docs/results.json "$OUT/" 2>/dev/null
