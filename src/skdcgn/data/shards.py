@@ -295,23 +295,20 @@ class ShardEpochs:
         self.source, self.seed, self.verify = source, seed, verify
         self.paths = shard_paths(source)  # a bad source fails now, not at the first step
         folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
-        if verify and folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
-            # every shard against its recorded digest before training starts: a damaged one is named
-            # now, not when an epoch reaches it, and `identity` (the recorded digests) is then true
-            paths, _, digests, _ = _manifest_shards(folder)
-            for path, digest in zip(paths, digests):
-                if digest is not None:
-                    verify_file(path, digest, folder / MANIFEST)
+        # the recorded digests (a set with a manifest), read once: checked here, named by `identity`
+        self._digests: list[str | None] = [None] * len(self.paths)
+        if folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
+            self.paths, _, self._digests, _ = _manifest_shards(folder)
+            if verify:  # a damaged shard is named before training starts, not when an epoch reaches it
+                for path, digest in zip(self.paths, self._digests):
+                    if digest is not None:
+                        verify_file(path, digest, folder / MANIFEST)
 
     def identity(self) -> dict:
         """What the set is, for a stage hash: its shards' names and SHA-256 (from the manifest when
         there is one, else computed) and the order seed."""
-        folder = Path(self.source) if isinstance(self.source, (str, os.PathLike)) else None
-        if folder is not None and folder.is_dir() and (folder / MANIFEST).is_file():
-            paths, _, digests, _ = _manifest_shards(folder)
-        else:
-            paths, digests = self.paths, [None] * len(self.paths)
-        return {"shards": [[p.name, d or sha256_file(p)] for p, d in zip(paths, digests)], "order_seed": self.seed}
+        return {"shards": [[p.name, d or sha256_file(p)] for p, d in zip(self.paths, self._digests)],
+                "order_seed": self.seed}
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = 0
