@@ -433,12 +433,24 @@ def _train_classifier(data: tuple[Tensor, Tensor] | CounterfactualStream, config
 def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
     """Predicted classes int64 [N] of images [N, 3, H, W], uint8 [0, 255] or float in [-1, 1]
     (other ranges and dtypes refused: `images.check_images`)."""
+    preds = _per_batch(classifier, images, batch_size, lambda logits: logits.argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def probabilities(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """Softmax probabilities float32 [N, K] of `classifier` (eval mode) on images [N, 3, H, W],
+    uint8 [0, 255] or float in [-1, 1] (other ranges and dtypes refused: `images.check_images`)."""
+    probs = _per_batch(classifier, images, batch_size, lambda logits: torch.softmax(logits.float(), 1))
+    return torch.cat(probs) if probs else torch.zeros(0, 0)
+
+
+def _per_batch(classifier: nn.Module, images: Tensor, batch_size: int, fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """fn(logits) of each batch of `batch_size` images, on the CPU; the classifier in eval mode."""
     classifier.eval()
     device = next(classifier.parameters()).device
     validate_images(images)
-    preds = [classifier(to_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return [fn(classifier(to_float(images[i:i + batch_size]).to(device))).cpu() for i in range(0, len(images), batch_size)]
 
 
 def accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:

@@ -42,7 +42,7 @@ from .errors import SkdcgnError
 from .grids import image_grid, save_png
 from .hashing import derive_seed
 from .images import to_float
-from .invariance import ClassifierConfig, data_hash, train_classifier
+from .invariance import ClassifierConfig, data_hash, probabilities, train_classifier
 from .io import (MANIFEST, folder_lock, read_json, refuse_other_settings, save_tensors, sha256_file, stage_complete,
                  write_manifest)
 
@@ -67,17 +67,6 @@ def fold_of_groups(n_groups: int, folds: int, seed: int) -> Tensor:
     fold = torch.empty(n_groups, dtype=torch.int64)
     fold[perm] = torch.arange(n_groups) % folds
     return fold
-
-
-@torch.no_grad()
-def probabilities(classifier: torch.nn.Module, images: Tensor, batch_size: int = 1000) -> Tensor:
-    """Softmax probabilities float32 [N, K] of `classifier` (eval mode) on images [N, 3, H, W],
-    uint8 [0, 255] or float in [-1, 1]."""
-    classifier.eval()
-    device = next(classifier.parameters()).device
-    out = [torch.softmax(classifier(to_float(images[i:i + batch_size]).to(device)).float(), 1).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def group_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
