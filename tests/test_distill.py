@@ -115,6 +115,38 @@ def test_students_round_trip_and_keep_their_interface(tmp_path):
         assert out.min() >= lo and out.max() <= hi
 
 
+def test_instance_normed_shape_student_round_trips_and_older_configs_still_load(tmp_path):
+    import json
+
+    u, y = torch.randn(6, 32, generator=torch.Generator().manual_seed(1)), torch.arange(6)
+    s = make_student(StudentConfig(mechanism="shape", widths=(8, 8, 8), output_norm="instance")).eval()
+    with torch.no_grad():
+        s.out_norm.weight.fill_(3.0)
+        s.out_norm.bias.fill_(-1.0)
+        logits = s.pre_activation(u, y)
+    # per image: g · (x − mean) / std + b, so every image's logits have mean b and std g
+    assert torch.allclose(logits.mean((1, 2, 3)), torch.full((6,), -1.0), atol=1e-4)
+    assert torch.allclose(logits.std((1, 2, 3), unbiased=False), torch.full((6,), 3.0), atol=1e-2)
+    s.save_pretrained(tmp_path / "inorm")
+    t = load_model(tmp_path / "inorm")
+    assert t.config.output_norm == "instance" and torch.equal(t(u, y), s(u, y))
+    # a student saved before the field existed loads as "none"
+    plain = make_student(StudentConfig(mechanism="shape", widths=(8, 8, 8))).eval()
+    plain.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["config"]["output_norm"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    old = load_model(tmp_path / "old")
+    assert old.config.output_norm == "none" and old.out_norm is None and torch.equal(old(u, y), plain(u, y))
+    with pytest.raises(SkdcgnError, match="output_norm"):
+        StudentConfig(mechanism="shape", output_norm="batch").validate()
+    # only the shape student gets it from a distillation config; the stage identity is unchanged at the default
+    cfg = preset("tiny", shape_output_norm="instance")
+    assert cfg.student_config("shape").output_norm == "instance" and cfg.student_config("foreground").output_norm == "none"
+    from skdcgn.distill.trainer import config_record
+    assert "shape_output_norm" not in config_record(preset("tiny")) and "shape_output_norm" in config_record(cfg)
+
+
 def test_default_students_fit_the_parameter_budget():
     from skdcgn import load_cgn
 

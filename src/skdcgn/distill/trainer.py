@@ -53,7 +53,7 @@ from ..io import (MANIFEST, config_hash, folder_lock, read_json, refuse_other_se
 from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
-from ..models.students import StudentConfig, StudentGenerator, make_student
+from ..models.students import OUTPUT_NORMS, StudentConfig, StudentGenerator, make_student
 from .losses import PIXEL_LOSSES, DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import SNAPSHOTS, evaluate_distillation
@@ -89,6 +89,8 @@ class DistillConfig:
     student_widths: tuple[int, ...] = setting((16, 48, 32), unit="channels", help="student channels at 4, 8, 16 px")
     student_extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="extra residual blocks of the student")
     student_embed_dim: int = setting(16, lo=1, hi=4096, unit="dims", help="class embedding size of the student")
+    shape_output_norm: str = setting("none", choices=OUTPUT_NORMS, identity="changed",
+                                     help="shape student's logits: 'instance' normalises them per image (as the teacher's last layer)")
     disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
     # optimisation (TinyGAN: Adam, betas (0, 0.9))
     steps: int = setting(3_000, lo=1, hi=10_000_000, unit="steps", help="training steps of the shape student")
@@ -162,6 +164,7 @@ class DistillConfig:
         cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim,
                             embed_dim=self.student_embed_dim, widths=tuple(self.student_widths),
                             extra_blocks=self.student_extra_blocks,
+                            output_norm=self.shape_output_norm if mechanism == "shape" else "none",
                             shifted_texture=mechanism != "shape" and self.shifted_texture, **extra)
         cfg.validate()
         return cfg

@@ -37,6 +37,7 @@ from .pretrained import PretrainedModel, register
 from .cgn import MECHANISMS  # noqa: E402  (shape, foreground, background)
 
 SIZES = (32, 64, 128, 256, 512)
+OUTPUT_NORMS = ("none", "instance")
 
 
 @dataclasses.dataclass
@@ -53,6 +54,11 @@ class StudentConfig:
         shifted_texture: textures get the teacher's seeded circular shift at composition; must be
             false for the shape mechanism.
         image_size: output side in pixels, one of `SIZES` (32 for MNIST, 128 or 256 for ImageNet).
+        output_norm: "none", or "instance": the logits are normalised per image and channel over
+            space, then scaled and shifted by learned scalars (InstanceNorm2d, affine). The
+            CGN-MNIST shape teacher's mask is clamp(InstanceNorm(z), 1e-4, 0.9999) (Sauer & Geiger,
+            ICLR 2021), i.e. a threshold of a per-image normalised field; this gives the student
+            the same normalisation before its sigmoid.
     """
     mechanism: str = setting("shape", choices=MECHANISMS)
     n_classes: int = setting(10, lo=1, hi=4096, unit="classes")
@@ -62,6 +68,8 @@ class StudentConfig:
     extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="residual blocks at image_size / 2 after the up-sampling ones")
     shifted_texture: bool = False  # textures: seeded circular shift at composition (like the teacher)
     image_size: int = setting(32, choices=SIZES, unit="px", help="32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2")
+    output_norm: str = setting("none", choices=OUTPUT_NORMS,
+                               help="'instance': logits = g·InstanceNorm(x) + b per image, as the CGN-MNIST shape teacher ends")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
@@ -147,6 +155,7 @@ class StudentGenerator(PretrainedModel):
                                      *(Block(w[-1], w[-1], cond_dim, upsample=False) for _ in range(config.extra_blocks))])
         self.out_bn = nn.BatchNorm2d(w[-1])
         self.out_conv = nn.Conv2d(w[-1], 4 * config.out_channels, 3, padding=1)  # 4 sub-pixels per last-stage pixel
+        self.out_norm = nn.InstanceNorm2d(config.out_channels, affine=True) if config.output_norm == "instance" else None
 
     def pre_activation(self, u: Tensor, y: Tensor) -> Tensor:
         """Logits of the output (before sigmoid / tanh): [N, C_out, S, S], S = image_size."""
@@ -156,7 +165,8 @@ class StudentGenerator(PretrainedModel):
         for block in self.blocks:
             x = block(x, cond)                                 # [N, C8, 8, 8], [N, C16, 16, 16], ... S/2 px
         x = self.out_conv(F.relu(self.out_bn(x)))              # [N, 4 * C_out, S/2, S/2]
-        return F.pixel_shuffle(x.contiguous(), 2)              # [N, C_out, S, S], plain NCHW
+        x = F.pixel_shuffle(x.contiguous(), 2)                 # [N, C_out, S, S], plain NCHW
+        return x if self.out_norm is None else self.out_norm(x)
 
 
 @register
