@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from skdcgn.cli import main
+from skdcgn.counterfactuals import CounterfactualStream, sample_counterfactuals
 from skdcgn.errors import SkdcgnError
 from skdcgn.models.cgn import CGN, MECHANISMS
 from skdcgn.models.cgn_mnist import teacher_mechanisms
@@ -63,18 +65,76 @@ def test_fixed_batch_pads_and_chunks(cgns, n):
     assert len(sampler.sample(torch.zeros(0, dtype=torch.long)).composite) == 0
 
 
-def test_graph_needs_cuda_and_bad_settings_are_one_line(cgns):
+def test_graph_needs_cuda_and_bad_settings_are_one_line(cgns, capsys, tmp_path):
     cgn = cgns["teacher"]
     if not torch.cuda.is_available():
         with pytest.raises(SkdcgnError, match="needs a CUDA device") as err:
             CGNSampler(cgn, 4, "graph")
         assert "\n" not in str(err.value)
+        with pytest.raises(SkdcgnError, match="CUDA"):  # the stream refuses it at its first batch on the CPU
+            CounterfactualStream(cgn, per_shape=2, sampler="graph").batch(0, 4)
+        assert main(["counterfactuals", "--cgn", "colored", "--out", str(tmp_path / "cf"), "--n", "10",
+                     "--device", "cpu", "--sampler", "graph", "--no-progress"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "cf").exists()
+        assert main(["run", "--preset", "tiny", "--variant", "colored", "--run-dir", str(tmp_path / "run"),
+                     "--device", "cpu", "--sampler", "graph", "--quiet"]) == 2  # before any stage runs
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
     assert resolve_sampler_mode("auto", "cpu") == "eager"
     for bad in (dict(mode="fast"), dict(batch_size=0), dict(batch_size=6, per_shape=4)):
         with pytest.raises(SkdcgnError, match="sampler:"):
             CGNSampler(cgn, **{"batch_size": 4, **bad})
+    with pytest.raises(SkdcgnError, match="sampler:"):
+        CounterfactualStream(cgn, sampler="fast")
     with pytest.raises(SkdcgnError, match="per_shape"):
         CGNSampler(cgn, 4, "eager", per_shape=2).sample(torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("composer,counterfactual", [("standard", True), ("rotate", True), ("standard", False)])
+def test_counterfactual_recipe_through_a_sampler_is_bitwise(cgns, composer, counterfactual):
+    """The stored sets' and streams' recipe (masks × per_shape texture pairs, then the study variant)
+    through an eager sampler: the same draws in the same order, the same bytes."""
+    cgn = cgns["teacher"]
+    ref = sample_counterfactuals(cgn, 5, 3, composer, counterfactual, torch.Generator().manual_seed(9))
+    sampler = CGNSampler(cgn, 12, "eager", per_shape=3)
+    out = sample_counterfactuals(cgn, 5, 3, composer, counterfactual, torch.Generator().manual_seed(9), sampler)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+    padded = sample_counterfactuals(cgn, 5, 3, composer, counterfactual, torch.Generator().manual_seed(9),
+                                    CGNSampler(cgn, 12, "eager", per_shape=3, fixed_batch=True))  # 4 masks + 1 padded
+    torch.testing.assert_close(padded["images"], ref["images"], rtol=0, atol=1e-6)
+
+
+def test_stored_sets_and_streams_build_and_use_their_sampler(cgns, tmp_path, monkeypatch):
+    """The plumbing of a non-eager sampler (here: eager at a fixed batch, which pads and chunks as
+    "compile" and "graph" do): one per stored set, one per stream batch size; same images (to the
+    uint8 level)."""
+    import skdcgn.counterfactuals as cf
+
+    made = []
+
+    def fixed(cgn, mode, batch_shapes, per_shape):
+        made.append((batch_shapes, per_shape))
+        return CGNSampler(cgn, batch_shapes * per_shape, "eager", per_shape=per_shape, fixed_batch=True)
+
+    cgn = cgns["teacher"]
+    plain_dir = cf.generate_counterfactuals(cgn, tmp_path / "plain", 30, 3, shard_size=15, batch_shapes=4,
+                                            progress=False)
+    plain_stream = CounterfactualStream(cgn, per_shape=3, seed=1)
+    plain = (plain_stream.batch(2, 10), plain_stream.sample(25, batch_size=10))
+    monkeypatch.setattr(cf, "make_sampler", fixed)
+    fast_dir = cf.generate_counterfactuals(cgn, tmp_path / "fast", 30, 3, shard_size=15, batch_shapes=4,
+                                           progress=False)  # shards of 5 masks: calls of 4 and 1 (padded)
+    assert made == [(4, 3)]
+    fast_stream = CounterfactualStream(cgn, per_shape=3, seed=1)
+    fast = (fast_stream.batch(2, 10), fast_stream.sample(25, batch_size=10))
+    assert made == [(4, 3), (4, 3)]  # batch and sample (chunks of 10, 10, 5 composites) share one of ceil(10 / 3) masks
+    x, y = cf.load_image_dataset(plain_dir, dtype=torch.uint8)
+    x2, y2 = cf.load_image_dataset(fast_dir, dtype=torch.uint8)
+    assert torch.equal(y, y2) and (x.int() - x2.int()).abs().max() <= 1
+    torch.testing.assert_close(fast[0][0], plain[0][0], rtol=0, atol=1 / 127.5 + 1e-6)
+    assert torch.equal(fast[0][1], plain[0][1]) and torch.equal(fast[1][1], plain[1][1])
+    assert (fast[1][0].int() - plain[1][0].int()).abs().max() <= 1
 
 
 @dataclasses.dataclass
