@@ -3,6 +3,9 @@ padding, its refusals, the compiled forward, and its use by the counterfactual s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from skdcgn.models.cgn_mnist import teacher_mechanisms
 from skdcgn.models.pretrained import PretrainedModel
 from skdcgn.models.sampling import CGNSampler, resolve_sampler_mode
 from skdcgn.models.students import StudentConfig, make_student
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +179,21 @@ def test_compiled_sampler_matches_eager_within_tolerance():
         out = sampler.sample(*ys, generator=torch.Generator().manual_seed(n))
         for name, a, b in zip(ref._fields, ref, out):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_benchmark_runs(tmp_path, cgns, capsys):
+    spec = importlib.util.spec_from_file_location("sampling_speed", ROOT / "benchmarks" / "sampling_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--help"])
+    assert done.value.code == 0 and "--batch-sizes" in capsys.readouterr().out
+    cgns["students"].save_pretrained(tmp_path / "students")
+    record = bench.main(["--device", "cpu", "--batch-sizes", "1", "3", "--modes", "eager", "graph", "--students",
+                         str(tmp_path / "students"), "--warmup", "0", "--repeats", "1", "--min-seconds", "0",
+                         "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    assert [(r["mode"], r["batch"]) for r in record["rows"]] == [("eager", 1), ("eager", 3)]
+    assert all(r["composites_per_s"]["teacher"] > 0 and r["composites_per_s"]["students"] > 0 for r in record["rows"])
+    assert record["skipped"] and "graph" in record["skipped"][0]  # no CUDA graph on a CPU: a note, not a row
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == record["rows"]
+    assert "| eager | 3 |" in (tmp_path / "s.md").read_text()
