@@ -143,7 +143,9 @@ class CGNSampler:
                 out = circular_shift(out, inputs[f"{name}.dy"], inputs[f"{name}.dx"])
             outs.append(out)
         mask, fg, bg = outs
-        m = mask if self.per_shape == 1 else mask.repeat_interleave(self.per_shape, 0)
+        # each mask per_shape times in a row (repeat_interleave's values; expand + reshape never syncs the host)
+        m = mask if self.per_shape == 1 else \
+            mask[:, None].expand(-1, self.per_shape, -1, -1, -1).reshape(fg.shape[0], *mask.shape[1:])
         return mask, fg, bg, compose(m, fg, bg)
 
     def _static_inputs(self) -> dict[str, Tensor]:
@@ -187,7 +189,7 @@ class CGNSampler:
                 torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     outputs = self._forward(static)
                 torch.cuda.synchronize()
         except Exception as err:  # noqa: BLE001  (an op a graph cannot hold, an old driver: run eagerly, once warned)
