@@ -9,7 +9,9 @@ function of fixed-size inputs, either
 - "eager": the PyTorch modules as they are (exactly `CGN.sample`: same draws, same operations,
   at the call's own batch size; bitwise equal on the CPU),
 - "compile": that function through `torch.compile` (Inductor; the CPU too, with a C++ compiler),
-  one compilation for the sampler's batch size,
+  one compilation for the sampler's batch size (tens of seconds; every compiled sampler of a
+  process counts towards torch._dynamo's recompile limit, 8 by default, beyond which torch runs
+  the forward eagerly),
 - "graph": that function captured once in a CUDA graph (`torch.cuda.CUDAGraph`, after warm-up
   calls on a side stream) and replayed per call: inputs are copied into static buffers, the
   graph is replayed, the outputs are cloned out of the graph's static outputs,
