@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Issue #22: the CGN paper's protocol in minutes on one GPU, measured in a single device call.
+#   0. benchmarks/sampling_speed.py: composites/s of the MNIST students vs the teacher at batch 1, 256
+#      and 8,192, eager and captured in a CUDA graph (skdcgn.models.sampling), with a tiny distillation
+#      of its own (default student architecture) → docs/sampling_speed.{json,md} (90 s at most);
 #   1. benchmarks/multitrain_speed.py: ms per optimizer step of one classifier alone vs K = 1, 33, 99
 #      stacked (fp32 and bf16), with the stack's weights checked against separate training
 #      → docs/multitrain_speed.{json,md};
@@ -13,6 +16,7 @@
 #   bash benchmarks/gpu_protocol.sh [BUDGET_SECONDS]   (default 540)
 # A dry run of the script itself on a CPU (tiny sizes, one variant, not recorded):
 #   DEVICE=cpu THREADS=1 PRESET=tiny VARIANT=colored RECORD= BENCH="--ks 1 2 --steps 2 --warmup 0 --batch-size 4" \
+#     SAMPLING="--batch-sizes 1 4 --modes eager graph --repeats 1 --min-seconds 0" \
 #     RUN_DIR=/tmp/protocol-dry bash benchmarks/gpu_protocol.sh 300
 set -u
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,12 +28,20 @@ VARIANT=${VARIANT:-all}
 RECORD=${RECORD-docs/results.md}
 THREADS=${THREADS:-8}
 BENCH=${BENCH:---ks 1 33 99 --steps 100 --warmup 20 --bf16}
+SAMPLING=${SAMPLING:---batch-sizes 1 256 8192 --modes eager graph}
 mkdir -p "$LOGS"
 DEADLINE=$(( $(date +%s) + ${1:-540} ))
 left() { echo $(( DEADLINE - $(date +%s) )); }
 
 python3 -c "import torch, safetensors, tqdm, yaml; print('torch', torch.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" || exit 1
+
+SAMPLED=docs/sampling_speed
+[ "$DEVICE" = cuda ] || SAMPLED="$LOGS/sampling_speed"  # a dry run leaves docs/ alone
+timeout 90 python3 benchmarks/sampling_speed.py --device "$DEVICE" $SAMPLING \
+    --json "$SAMPLED.json" --md "$SAMPLED.md" > "$LOGS/sampling_speed.log" 2>&1
+echo "sampling benchmark: exit $? ($(left) s left)"
+cat "$SAMPLED.md" 2>/dev/null || tail -5 "$LOGS/sampling_speed.log"
 
 SPEED=docs/multitrain_speed
 [ "$DEVICE" = cuda ] || SPEED="$LOGS/multitrain_speed"  # a dry run leaves docs/ alone
@@ -72,7 +84,7 @@ if [ "$rc" = 0 ] && [ "$(left)" -gt 150 ] && [ -z "${SKIP_BF16:-}" ]; then
 fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/docs" "$OUT/logs" "$OUT/run"
-  cp "$SPEED".* docs/results.md docs/results.json "$OUT/docs/" 2>/dev/null
+  cp "$SAMPLED".* "$SPEED".* docs/results.md docs/results.json "$OUT/docs/" 2>/dev/null
   cp "$LOGS"/*.log "$OUT/logs/" 2>/dev/null
   for d in "$RUN_DIR" "$RUN_DIR-bf16"; do
     [ -d "$d" ] || continue

@@ -30,23 +30,40 @@ from .errors import SkdcgnError
 COMPOSERS = ("standard", "rotate", "mask_noise", "opacity", "binary", "swap_textures", "shape_only")
 
 
+def shift_offsets(n: int, height: int, width: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The offsets of `random_shift` for `n` textures of `height` × `width` pixels: (dy, dx), int64 [n]
+    on the CPU, uniform in [0, height) and [0, width), drawn from `generator` in that order (all dy,
+    then all dx)."""
+    dy = torch.randint(0, height, (n,), generator=generator, device="cpu")
+    dx = torch.randint(0, width, (n,), generator=generator, device="cpu")
+    return dy, dx
+
+
+def circular_shift(texture: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """Roll each texture by its own offsets: texture [N, C, H, W], dy / dx int64 [N] (pixels, in
+    [0, H) and [0, W), on the texture's device) → same shape; pixel (i, j) of the output is pixel
+    ((i + dy) mod H, (j + dx) mod W) of the input."""
+    n, _, h, w = texture.shape
+    rows = (torch.arange(h, device=texture.device)[None, :] + dy[:, None]) % h  # [N, H]
+    cols = (torch.arange(w, device=texture.device)[None, :] + dx[:, None]) % w  # [N, W]
+    idx = rows[:, None, :, None] * w + cols[:, None, None, :]  # [N, 1, H, W]
+    flat = texture.flatten(2)
+    return flat.gather(2, idx.flatten(2).expand(-1, texture.shape[1], -1)).view_as(texture)
+
+
 def random_shift(texture: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Circularly shift each texture by a random offset per axis: texture [N, C, H, W] → same shape.
 
-    Offsets are drawn on the CPU from `generator`, uniform in [0, H) and [0, W) pixels per image.
+    Offsets are drawn on the CPU from `generator` (`shift_offsets`), uniform in [0, H) and [0, W)
+    pixels per image, then applied on the texture's device (`circular_shift`).
 
     The CGN-MNIST teachers tile their texture patch 2 × 2 and take a random crop of the patch's
     size; that is exactly a circular shift by an offset in [0, size). It is parameter-free, so it is
     kept out of the mechanisms and applied here, seeded, to teacher and student textures alike.
     """
     n, _, h, w = texture.shape
-    dy = torch.randint(0, h, (n,), generator=generator, device="cpu").to(texture.device)
-    dx = torch.randint(0, w, (n,), generator=generator, device="cpu").to(texture.device)
-    rows = (torch.arange(h, device=texture.device)[None, :] + dy[:, None]) % h  # [N, H]
-    cols = (torch.arange(w, device=texture.device)[None, :] + dx[:, None]) % w  # [N, W]
-    idx = rows[:, None, :, None] * w + cols[:, None, None, :]  # [N, 1, H, W]
-    flat = texture.flatten(2)
-    return flat.gather(2, idx.flatten(2).expand(-1, texture.shape[1], -1)).view_as(texture)
+    dy, dx = shift_offsets(n, h, w, generator)
+    return circular_shift(texture, dy.to(texture.device), dx.to(texture.device))
 
 
 def compose(mask: Tensor, foreground: Tensor, background: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ one does, and nothing but the step counter is state. Nothing is written to disk.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -35,9 +36,12 @@ from .errors import SkdcgnError
 from .hashing import derive_seed, sha256_of
 from .grids import image_grid, save_png
 from .images import to_float, to_uint8
+from .models.sampling import SAMPLER_MODES, CGNSampler, resolve_sampler_mode
 from .io import (MANIFEST, confined, config_hash, folder_lock, load_tensors, read_json,
                  recorded_digests, refuse_other_settings, save_tensors, sha256_file, stage_complete, tensor_file_metadata,
                  verify_file, write_json, write_manifest)
+
+logger = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 PREVIEW = "preview.png"
@@ -57,7 +61,7 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
 
 @torch.no_grad()
 def sample_counterfactuals(cgn, n_shapes: int, per_shape: int, composer: str, counterfactual: bool,
-                           generator: torch.Generator) -> dict[str, Tensor]:
+                           generator: torch.Generator, sampler: CGNSampler | None = None) -> dict[str, Tensor]:
     """The recipe of one batch of counterfactuals (Sauer & Geiger, ICLR 2021, CGN-MNIST): `n_shapes`
     masks of uniformly drawn shape classes, each composed with `per_shape` foreground/background
     pairs whose classes are drawn independently and uniformly (`counterfactual=False`: the shape's
@@ -68,7 +72,13 @@ def sample_counterfactuals(cgn, n_shapes: int, per_shape: int, composer: str, co
     composer. Returns {"images": float [n_shapes · per_shape, 3, H, W] in [-1, 1] on the CGN's
     device, "labels" (the shape classes, what a classifier learns), "y_fg", "y_bg": int64
     [n_shapes · per_shape] on the CPU}. The stored datasets and the stream both sample this way.
+
+    sampler: a `models.sampling.CGNSampler` of this CGN and `per_shape` (its forward compiled or
+    captured in a CUDA graph): the same draws in the same order, the mechanisms run through it
+    (equal within float tolerance; bitwise in its "eager" mode on the CPU). None: `cgn` directly.
     """
+    if sampler is not None:
+        return _sample_counterfactuals_with(sampler, n_shapes, per_shape, composer, counterfactual, generator)
     k = cgn.n_classes
     y_shape = torch.randint(k, (n_shapes,), generator=generator)
     mask = cgn.run_mechanism("shape", y_shape, generator)       # [n_shapes, 1, H, W]
@@ -84,14 +94,54 @@ def sample_counterfactuals(cgn, n_shapes: int, per_shape: int, composer: str, co
     return {"images": x, "labels": y, "y_fg": y_fg.cpu(), "y_bg": y_bg.cpu()}
 
 
+def _sample_counterfactuals_with(sampler: CGNSampler, n_shapes: int, per_shape: int, composer: str,
+                                 counterfactual: bool, generator: torch.Generator) -> dict[str, Tensor]:
+    """`sample_counterfactuals` through a sampler: every draw first, in the recipe's order, then one
+    call of the sampler's forward (the standard composite comes out of it; a study variant is
+    composed afterwards from its mask, foreground and background, drawing from `generator` last)."""
+    if sampler.per_shape != per_shape:
+        raise SkdcgnError(f"sampler: made for per_shape {sampler.per_shape}, the recipe has {per_shape}")
+    k = sampler.cgn.n_classes
+    y_shape = torch.randint(k, (n_shapes,), generator=generator)
+    noise = {"shape": sampler.draw("shape", n_shapes, generator)}
+    y = y_shape.repeat_interleave(per_shape)
+    if counterfactual:
+        y_fg = torch.randint(k, (len(y),), generator=generator)
+        y_bg = torch.randint(k, (len(y),), generator=generator)
+    else:
+        y_fg, y_bg = y, y
+    noise["foreground"] = sampler.draw("foreground", len(y), generator)
+    noise["background"] = sampler.draw("background", len(y), generator)
+    out = sampler.run(y_shape, y_fg, y_bg, noise)
+    x = out.composite if composer == "standard" else \
+        compose_variant(composer, out.mask.repeat_interleave(per_shape, 0), out.foreground, out.background, generator)
+    return {"images": x, "labels": y, "y_fg": y_fg.cpu(), "y_bg": y_bg.cpu()}
+
+
+def make_sampler(cgn, mode: str, batch_shapes: int, per_shape: int) -> CGNSampler | None:
+    """The `CGNSampler` that makes this module's counterfactuals in bulk for `mode` (one of
+    `models.sampling.SAMPLER_MODES`) on the CGN's device, or None where `mode` resolves to
+    "eager" (the CGN is then called directly, as it always was: the CPU bytes of every stored set
+    and stream stay those of `CGN.run_mechanism`). Its fixed batch is `batch_shapes` masks of
+    `per_shape` composites (at most 2²⁰ composites; larger calls are chunked). Raises
+    `SkdcgnError` for an unknown mode or "graph" off CUDA."""
+    if resolve_sampler_mode(mode, cgn.device) == "eager":
+        return None
+    shapes = max(1, min(batch_shapes, 2**20 // per_shape))
+    sampler = CGNSampler(cgn, shapes * per_shape, mode, per_shape=per_shape)
+    logger.info(f"counterfactuals: sampling through {sampler}")
+    return sampler
+
+
 @torch.no_grad()
 def _generate_shard(cgn, n_images: int, per_shape: int, seed: int, shard: int, composer: str,
-                    counterfactual: bool, batch_shapes: int) -> dict[str, Tensor]:
+                    counterfactual: bool, batch_shapes: int, sampler: CGNSampler | None = None) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(derive_seed(seed, "shard", shard))
     n_shapes = math.ceil(n_images / per_shape)
     out: dict[str, list[Tensor]] = {"images": [], "labels": [], "y_fg": [], "y_bg": []}
     for start in range(0, n_shapes, batch_shapes):
-        part = sample_counterfactuals(cgn, min(batch_shapes, n_shapes - start), per_shape, composer, counterfactual, g)
+        part = sample_counterfactuals(cgn, min(batch_shapes, n_shapes - start), per_shape, composer, counterfactual, g,
+                                      sampler)
         part["images"] = to_uint8(part["images"])
         for name, t in part.items():
             out[name].append(t)
@@ -109,7 +159,7 @@ def _clear(out_dir: Path) -> None:
 def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape: int = 10, seed: int = 0,
                              composer: str = "standard", counterfactual: bool = True, *,
                              shard_size: int = 10_000, batch_shapes: int = 100, cgn_name: str | None = None,
-                             overwrite: bool = False, progress: bool = True) -> Path:
+                             overwrite: bool = False, progress: bool = True, sampler: str = "auto") -> Path:
     """Write a counterfactual dataset of `n` images to `out_dir` (resumable); return `out_dir`.
 
     cgn: any `CGN` (teacher or students), used in eval mode on its own device.
@@ -118,6 +168,10 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
     shard_size: images per shard file (rounded down to a multiple of `per_shape`).
     batch_shapes: masks sampled per forward pass (part of the seeded recipe).
     overwrite: replace a dataset in `out_dir` made with other settings (otherwise an error).
+    sampler: how the CGN's forward runs (`models.sampling`): "auto" (a CUDA graph on a GPU, eager
+    on the CPU), "eager", "compile" or "graph". Like the device, not part of the dataset's identity:
+    the draws are the same, the images equal within float tolerance (on the CPU, "auto" is eager
+    and the bytes are those of every earlier version); the mode used is logged.
     """
     n = _check_int("n", n, 1, 100_000_000)
     per_shape = _check_int("per_shape", per_shape, 1, 10_000)
@@ -126,6 +180,7 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
     batch_shapes = _check_int("batch_shapes", batch_shapes, 1, 1_000_000)
     if composer not in COMPOSERS:
         raise SkdcgnError(f"unknown composer {composer!r}; choose one of: {', '.join(COMPOSERS)}")
+    resolve_sampler_mode(sampler, cgn.device)  # a bad mode is one line before anything is written
     out_dir = Path(out_dir)
     shard_size = max(per_shape, shard_size // per_shape * per_shape)
     n_shards = math.ceil(n / shard_size)
@@ -151,6 +206,7 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
         cgn.eval()
         t0 = time.perf_counter()
         shards, chash = [], config_hash(config)
+        fast: list[CGNSampler | None] = []  # built (compiled / captured) at the first shard to write
         bar = tqdm(total=n, desc="counterfactuals", unit="img", disable=not progress, dynamic_ncols=True)
         for i in range(n_shards):
             count = min(shard_size, n - i * shard_size)
@@ -159,7 +215,10 @@ def generate_counterfactuals(cgn, out_dir: str | os.PathLike, n: int, per_shape:
             digest = sha256_file(path) if path.is_file() else None
             if recorded.get(path.name, digest) != digest or not _shard_ok(path, count, tag):
                 # shards are atomic: a tagged one is complete, unless it changed after the manifest recorded it
-                tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes)
+                if not fast:
+                    fast.append(make_sampler(cgn, sampler, batch_shapes, per_shape))
+                tensors = _generate_shard(cgn, count, per_shape, seed, i, composer, counterfactual, batch_shapes,
+                                          fast[0])
                 save_tensors(path, tensors, metadata=tag)
                 digest = sha256_file(path)
             shards.append({"file": path.name, "count": count, "sha256": digest})
@@ -297,17 +356,27 @@ class CounterfactualStream:
     per_shape: composites per mask in [1, 10,000]; composer: one of `compose.COMPOSERS`;
     counterfactual: False ties the texture classes to the shape's; seed in [0, 2⁶³ − 1];
     cgn_name: what the CGN was loaded as (recorded, not part of the identity: its weights are).
+    sampler: how the CGN's forward runs (`models.sampling`, one of `SAMPLER_MODES`): "auto" is a
+    CUDA graph captured once per batch size on a GPU and the CGN called directly on the CPU (the
+    CPU bytes of every earlier version). Not part of the identity, like the device: the draws are
+    the same, the images equal within float tolerance; "graph" is refused (one line) at the first
+    batch when the CGN is not on a CUDA device.
     Raises `SkdcgnError` (one line) for a bad setting.
     """
 
     def __init__(self, cgn, per_shape: int = 10, composer: str = "standard", seed: int = 0,
-                 steps_per_epoch: int = 1563, counterfactual: bool = True, cgn_name: str | None = None) -> None:
+                 steps_per_epoch: int = 1563, counterfactual: bool = True, cgn_name: str | None = None,
+                 sampler: str = "auto") -> None:
         self.per_shape = _check_int("per_shape", per_shape, 1, 10_000)
         self.seed = _check_int("seed", seed, 0, 2**63 - 1)
         self.steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1, 10**9)
         if composer not in COMPOSERS:
             raise SkdcgnError(f"unknown composer {composer!r}; choose one of: {', '.join(COMPOSERS)}")
         self.composer, self.counterfactual, self.cgn_name = composer, bool(counterfactual), cgn_name
+        if sampler not in SAMPLER_MODES:
+            raise SkdcgnError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLER_MODES)}")
+        self.sampler = sampler
+        self._samplers: dict[tuple[str, int], CGNSampler | None] = {}  # (device, masks per call) → sampler
         self.cgn = cgn.eval()
         self.weights = weights_hash(cgn)
         with torch.no_grad():  # one mask from a throw-away generator: the image side, nothing drawn from the stream
@@ -322,15 +391,24 @@ class CounterfactualStream:
     def to(self, device: torch.device | str) -> "CounterfactualStream":
         """Move the CGN to `device` (where the batches are computed); returns the stream."""
         self.cgn.to(device)
+        self._samplers.clear()  # a CUDA graph holds its device's buffers: captured again where needed
         return self
+
+    def _sampler_for(self, n_shapes: int) -> CGNSampler | None:
+        """The sampler of calls of up to `n_shapes` masks on the CGN's current device (made at the first such call)."""
+        key = (str(self.cgn.device), n_shapes)
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(self.cgn, self.sampler, n_shapes, self.per_shape)
+        return self._samplers[key]
 
     @torch.no_grad()
     def batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
         """Batch `step` (≥ 0): (images float32 [batch_size, 3, H, W] in [-1, 1], on the uint8 grid,
         labels int64 [batch_size], the shape classes), both on the CGN's device."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, "stream", step))
-        part = sample_counterfactuals(self.cgn, math.ceil(batch_size / self.per_shape), self.per_shape, self.composer,
-                                      self.counterfactual, g)
+        n_shapes = math.ceil(batch_size / self.per_shape)
+        part = sample_counterfactuals(self.cgn, n_shapes, self.per_shape, self.composer, self.counterfactual, g,
+                                      self._sampler_for(n_shapes))
         x = _on_uint8_grid(part["images"][:batch_size])
         return x, part["labels"][:batch_size].to(x.device)
 
@@ -339,12 +417,13 @@ class CounterfactualStream:
         with (seed, purpose, i), not (seed, "stream", step)): e.g. the in-distribution accuracy of a
         streamed classifier. Returns (images uint8 [n, 3, H, W] on the CPU, labels int64 [n])."""
         n = _check_int("n", n, 1, 10**8)
+        sampler = self._sampler_for(math.ceil(min(batch_size, n) / self.per_shape))  # the last call padded
         xs, ys = [], []
         for i, start in enumerate(range(0, n, batch_size)):
             g = torch.Generator().manual_seed(derive_seed(self.seed, purpose, i))
             m = min(batch_size, n - start)
             part = sample_counterfactuals(self.cgn, math.ceil(m / self.per_shape), self.per_shape, self.composer,
-                                          self.counterfactual, g)
+                                          self.counterfactual, g, sampler)
             xs.append(to_uint8(part["images"][:m]))
             ys.append(part["labels"][:m])
         return torch.cat(xs), torch.cat(ys)

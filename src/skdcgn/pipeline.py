@@ -36,6 +36,7 @@ from .errors import SkdcgnError
 from .data.variants import BUILD_VERSION, VARIANTS
 from .models.cgn import CGN
 from .models.classifier import ARCHS
+from .models.sampling import SAMPLER_MODES, resolve_sampler_mode
 from .io import config_hash, folder_lock, read_json, stage_complete, write_json, write_manifest
 from .results.records import (ALL_TRAINING_SETS, STREAM_TRAINING_SETS, TRAINING_SETS, command_line, data_build,
                               hardware_info, mean_std)
@@ -77,6 +78,10 @@ class RunConfig:
     batch_classifiers: str = setting("auto", choices=("auto", "on", "off"), identity=False,
                                      help="train a variant's classifiers together in one process (skdcgn.multitrain; "
                                           "same results within float tolerance): auto = on a GPU, off on a CPU")
+    sampler: str = setting("auto", choices=SAMPLER_MODES, identity=False,
+                           help="how the CGN forward of the counterfactual sets and streams runs (skdcgn.models.sampling; "
+                                "same draws, same images within float tolerance): auto = a CUDA graph on a GPU, "
+                                "eager on a CPU")
     composers: tuple[str, ...] = setting((), choices=STUDY_COMPOSERS,
                                          help="composition-study variants (besides standard)")
     rows: tuple[str, ...] = setting(TRAINING_SETS, choices=ALL_TRAINING_SETS,
@@ -115,6 +120,7 @@ def run(run_dir: str | Path, config: RunConfig, progress: bool = True, overwrite
     for variant in config.variants:  # missing students fail now, before any work
         students_dir(config, variant, run_dir / variant)
     set_threads(config.threads)  # a bad count is one line before the folder is locked or written
+    resolve_sampler_mode(config.sampler, resolve_device(config.device))  # sampler graph on a CPU: likewise
     with folder_lock(run_dir):
         return _run(run_dir, config, progress, overwrite)
 
@@ -207,7 +213,7 @@ def run_variant(vdir: Path, variant: str, config: RunConfig, progress: bool = Tr
         _say(progress, f"{variant}: counterfactual dataset {name}")
         generate_counterfactuals(cgn.to(device), vdir / "datasets" / name, config.n_counterfactuals, config.per_shape,
                                  seed=config.seed, composer=composer, counterfactual=cf, cgn_name=name,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, progress=progress, sampler=config.sampler)
     timed("counterfactuals", t)
 
     # classifiers
@@ -351,7 +357,7 @@ def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = No
     n = min(config.n_counterfactuals, config.classifier_max_examples or config.n_counterfactuals)
     steps = -(-n // ClassifierConfig.batch_size) * config.stream_budget
     return CounterfactualStream(cgn, per_shape=config.stream_per_shape or config.per_shape, seed=config.seed + seed,
-                                steps_per_epoch=steps, cgn_name=cgn_name)
+                                steps_per_epoch=steps, cgn_name=cgn_name, sampler=config.sampler)
 
 
 

@@ -5,6 +5,7 @@ import argparse
 import time
 
 from ..compose import COMPOSERS
+from ..models.sampling import SAMPLER_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tar.add_argument("--image-format", default="jpg", choices=("jpg", "png"), help="sample images (default: jpg)")
     tar.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality in [1, 100] (default 95)")
     tar.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--sampler", default="auto", choices=SAMPLER_MODES,
+                   help="how the CGN's forward runs (safetensors sets): auto = captured once in a CUDA graph on a GPU, "
+                        "eager on a CPU; compile = torch.compile; same draws, same images within float tolerance "
+                        "(default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset in --out made with other settings")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -72,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     out = generate_counterfactuals(cgn, args.out, n=args.n, per_shape=args.per_shape, seed=args.seed,
                                    composer=args.composer, counterfactual=args.counterfactual,
                                    shard_size=10_000 if args.shard_size is None else args.shard_size, cgn_name=args.cgn, overwrite=args.overwrite,
-                                   progress=args.progress)
+                                   progress=args.progress, sampler=args.sampler)
     print(f"wrote {out} ({args.n} images, preview {out / 'preview.png'}) in {time.perf_counter() - t0:.1f} s")
     return 0
 

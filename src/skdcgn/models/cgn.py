@@ -77,6 +77,19 @@ class CGN(nn.Module):
             out = random_shift(out, generator)
         return out
 
+    def classes(self, y_shape: Tensor, y_fg: Tensor | None = None, y_bg: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """The class indices of a `sample` call, checked: (y_shape, y_fg, y_bg), int64 [N] each, the
+        texture classes left out taken from the shape's. Raises `SkdcgnError` for indices of another
+        length or outside [0, n_classes)."""
+        y_shape = torch.as_tensor(y_shape, dtype=torch.long)
+        y_fg = y_shape if y_fg is None else torch.as_tensor(y_fg, dtype=torch.long)
+        y_bg = y_shape if y_bg is None else torch.as_tensor(y_bg, dtype=torch.long)
+        for name, y in (("y_shape", y_shape), ("y_fg", y_fg), ("y_bg", y_bg)):
+            if y.ndim != 1 or len(y) != len(y_shape) or (len(y) and (y.min() < 0 or y.max() >= self.n_classes)):
+                raise SkdcgnError(f"{name}: expected {len(y_shape)} class indices in [0, {self.n_classes})")
+        return y_shape, y_fg, y_bg
+
     @torch.no_grad()
     def sample(self, y_shape: Tensor, y_fg: Tensor | None = None, y_bg: Tensor | None = None,
                generator: torch.Generator | None = None) -> CGNSample:
@@ -88,12 +101,7 @@ class CGN(nn.Module):
         shape, foreground, background. Raises `SkdcgnError` for class indices of another length
         or out of range.
         """
-        y_shape = torch.as_tensor(y_shape, dtype=torch.long)
-        y_fg = y_shape if y_fg is None else torch.as_tensor(y_fg, dtype=torch.long)
-        y_bg = y_shape if y_bg is None else torch.as_tensor(y_bg, dtype=torch.long)
-        for name, y in (("y_shape", y_shape), ("y_fg", y_fg), ("y_bg", y_bg)):
-            if y.ndim != 1 or len(y) != len(y_shape) or (len(y) and (y.min() < 0 or y.max() >= self.n_classes)):
-                raise SkdcgnError(f"{name}: expected {len(y_shape)} class indices in [0, {self.n_classes})")
+        y_shape, y_fg, y_bg = self.classes(y_shape, y_fg, y_bg)
         mask = self.run_mechanism("shape", y_shape, generator)
         fg = self.run_mechanism("foreground", y_fg, generator)
         bg = self.run_mechanism("background", y_bg, generator)
