@@ -145,6 +145,14 @@ def test_instance_normed_shape_student_round_trips_and_older_configs_still_load(
     assert cfg.student_config("shape").output_norm == "instance" and cfg.student_config("foreground").output_norm == "none"
     from skdcgn.distill.trainer import config_record
     assert "shape_output_norm" not in config_record(preset("tiny")) and "shape_output_norm" in config_record(cfg)
+    # the shape student may be sized apart from the textures (empty / -1: the shared student_* sizes)
+    cfg = preset("tiny", shape_widths=(8, 16, 12), shape_extra_blocks=2)
+    assert (cfg.student_config("shape").widths, cfg.student_config("shape").extra_blocks) == ((8, 16, 12), 2)
+    assert (cfg.student_config("background").widths, cfg.student_config("background").extra_blocks) == ((8, 8, 8), 0)
+    assert {"shape_widths", "shape_extra_blocks"} <= set(config_record(cfg))
+    assert not {"shape_widths", "shape_extra_blocks"} & set(config_record(preset("tiny")))
+    with pytest.raises(SkdcgnError, match="widths"):
+        preset("tiny", shape_widths=(8, 8))
 
 
 def test_default_students_fit_the_parameter_budget():

@@ -89,6 +89,10 @@ class DistillConfig:
     student_widths: tuple[int, ...] = setting((16, 48, 32), unit="channels", help="student channels at 4, 8, 16 px")
     student_extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="extra residual blocks of the student")
     student_embed_dim: int = setting(16, lo=1, hi=4096, unit="dims", help="class embedding size of the student")
+    shape_widths: tuple[int, ...] = setting((), identity="changed", unit="channels",
+                                            help="the shape student's channels at 4, 8, 16 px; empty: student_widths")
+    shape_extra_blocks: int = setting(-1, lo=-1, hi=16, identity="changed", unit="blocks",
+                                      help="the shape student's extra residual blocks; -1: student_extra_blocks")
     shape_output_norm: str = setting("none", choices=OUTPUT_NORMS, identity="changed",
                                      help="shape student's logits: 'instance' normalises them per image (as the teacher's last layer)")
     disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
@@ -145,6 +149,7 @@ class DistillConfig:
             raise SkdcgnError(f"batch_size: {self.batch_size} is larger than n_transfer ({self.n_transfer})")
         self.loss_weights().validate()
         self.student_config("shape").validate()
+        self.student_config("foreground").validate()
         DiscriminatorConfig(1, 10, tuple(self.disc_widths)).validate()
         if self.bf16 and not self.device.startswith(("cuda", "auto")):
             raise SkdcgnError("bf16: autocast is only used on CUDA; set device to auto or cuda")
@@ -159,11 +164,16 @@ class DistillConfig:
 
     def student_config(self, mechanism: str, n_classes: int = 10, latent_dim: int = 32) -> StudentConfig:
         """The validated `StudentConfig` of `mechanism`'s student for a teacher of `n_classes`
-        classes and `latent_dim`-dimensional noise."""
+        classes and `latent_dim`-dimensional noise: `student_*` sizes, and for the shape student
+        `shape_widths` / `shape_extra_blocks` / `shape_output_norm` where set (the mask is where
+        the students lose accuracy: issue #20, docs/shape_students.md)."""
         extra = {"image_size": self.student_image_size} if self.student_image_size != 32 else {}
+        shape = mechanism == "shape"
         cfg = StudentConfig(mechanism=mechanism, n_classes=n_classes, latent_dim=latent_dim,
-                            embed_dim=self.student_embed_dim, widths=tuple(self.student_widths),
-                            extra_blocks=self.student_extra_blocks,
+                            embed_dim=self.student_embed_dim,
+                            widths=tuple(self.shape_widths if shape and self.shape_widths else self.student_widths),
+                            extra_blocks=(self.shape_extra_blocks if shape and self.shape_extra_blocks >= 0
+                                          else self.student_extra_blocks),
                             output_norm=self.shape_output_norm if mechanism == "shape" else "none",
                             shifted_texture=mechanism != "shape" and self.shifted_texture, **extra)
         cfg.validate()
