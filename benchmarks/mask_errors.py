@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from skdcgn import load_cgn
 from skdcgn.distill.evaluate import mask_iou
 from skdcgn.distill.query import TransferSet
+from skdcgn.errors import SkdcgnError, script_exit
 from skdcgn.io import write_bytes, write_json
 from skdcgn.models.pretrained import load_model
 from skdcgn.results.records import hardware_info
@@ -44,15 +45,20 @@ def boundary(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, required=True, help="a `skdcgn distill` run folder with a shape student")
     ap.add_argument("--teacher", required=True, help="its teacher (a skdcgn.load_cgn spec)")
-    ap.add_argument("--n", type=int, default=2000, help="inputs of each kind")
+    ap.add_argument("--n", type=int, default=2000, help="inputs of each kind (default: 2000)")
     ap.add_argument("--eval-seed", type=int, default=1_000_003, help="the held-out inputs' seed (DistillConfig.eval_seed)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    for need in ("distill/students/shape/manifest.json", "transfer/shape/manifest.json"):
+        if not (args.run_dir / need).is_file():
+            raise SkdcgnError(f"--run-dir: {args.run_dir / need} not found (a finished `skdcgn distill` run with its transfer set)")
+    if args.n < 1:
+        raise SkdcgnError(f"--n: at least 1, got {args.n}")
     teacher = load_cgn(args.teacher).eval().shape
     student = load_model(args.run_dir / "distill" / "students" / "shape").eval()
     transfer = TransferSet(args.run_dir / "transfer" / "shape")
@@ -108,4 +114,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_exit(main, "mask_errors.py")

@@ -40,7 +40,7 @@ import torch
 
 from skdcgn.api import load_cgn
 from skdcgn.config import resolve_device
-from skdcgn.errors import SkdcgnError
+from skdcgn.errors import SkdcgnError, script_exit
 from skdcgn.io import write_bytes, write_json
 from skdcgn.metrics.cost import throughput
 from skdcgn.models.cgn import CGN
@@ -130,7 +130,7 @@ def markdown(record: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run the measurement; returns (and writes) the JSON record."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cpu or cuda[:N] (default: cuda)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N] (default: auto)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256, 8192], help="composites per call")
     p.add_argument("--modes", nargs="+", default=["eager", "compile", "graph"], choices=MODES,
                    help="sampler modes (graph: CUDA only, skipped with a note elsewhere)")
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--md", type=Path, default=None)
     args = p.parse_args(argv)
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SkdcgnError("--batch-sizes and --repeats must be at least 1, --warmup at least 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,9 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "note": args.note, "warmup": args.warmup, "repeats": args.repeats,
               "min_seconds": args.min_seconds, "rows": [], "skipped": []}
+    def save() -> None:  # after every row, so a timeout keeps what finished
+        if args.json:
+            write_json(args.json, record)
+        if args.md:
+            write_bytes(args.md, markdown(record).encode())
+
     for mode in args.modes:
         if mode == "graph" and device.type != "cuda":
             record["skipped"].append(f"graph: not measured: a CUDA graph needs a CUDA device, this run is on {device}.")
+            save()
             continue
         for batch in args.batch_sizes:
             try:
@@ -184,13 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 record["skipped"].append(f"{mode} at batch {batch}: failed ({first})")
                 logger.warning(record["skipped"][-1])
-            if args.json:
-                write_json(args.json, record)
-            if args.md:
-                write_bytes(args.md, markdown(record).encode())
+            save()
     print(markdown(record))
     return record
 
 
 if __name__ == "__main__":
-    main()
+    script_exit(main, "sampling_speed.py")

@@ -10,7 +10,7 @@ teacher, so machine load cancels out to first order).
 
     python benchmarks/shape_students.py --teacher double_colored --preset default --threads 2 \
         --run-root runs/shape-sweep --out docs/shape_students.md \
-        --variant 'base:' --variant 'wide:student_widths=32,64,64;student_extra_blocks=2'
+        --variant 'base:' --variant 'wide:shape_widths=64,48,32;beta1=0.9'
 
 Finished variants are reused (the trainer's manifests), so an interrupted sweep resumes.
 """
@@ -26,7 +26,7 @@ import torch
 from skdcgn import load_cgn
 from skdcgn.distill.evaluate import compare_mechanism
 from skdcgn.distill.trainer import DistillConfig, distill, preset
-from skdcgn.errors import SkdcgnError
+from skdcgn.errors import SkdcgnError, script_exit
 from skdcgn.io import read_json, write_bytes, write_json
 from skdcgn.metrics.cost import throughput
 from skdcgn.models.pretrained import load_model
@@ -44,12 +44,17 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         if key not in FIELDS:
             raise SkdcgnError(f"--variant {spec!r}: {key!r} is not a DistillConfig field")
         default = FIELDS[key].default
-        if isinstance(default, tuple):
-            overrides[key] = tuple(int(v) for v in value.split(","))
-        elif isinstance(default, bool):
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        else:
-            overrides[key] = type(default)(value)
+        try:
+            if isinstance(default, tuple):
+                overrides[key] = tuple(int(v) for v in value.split(","))
+            elif isinstance(default, bool):
+                overrides[key] = value.lower() in ("1", "true", "yes")
+            else:
+                overrides[key] = type(default)(value)
+        except ValueError:
+            raise SkdcgnError(f"--variant {spec!r}: {key}={value!r} is not a {type(default).__name__}") from None
+    if not name:
+        raise SkdcgnError(f"--variant {spec!r}: give it a name, NAME:FIELD=VALUE;...")
     return name, overrides
 
 
@@ -63,23 +68,28 @@ def masks_per_second(teacher: torch.nn.Module, student: torch.nn.Module, batch: 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="double_colored", help="a skdcgn.load_cgn spec")
-    ap.add_argument("--preset", default="default", help="the distillation preset every variant starts from")
-    ap.add_argument("--variant", action="append", required=True, help="NAME:FIELD=VALUE;FIELD=VALUE (repeatable)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="double_colored", help="a skdcgn.load_cgn spec (default: double_colored)")
+    ap.add_argument("--preset", default="default", help="the distillation preset every variant starts from (default: default)")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="NAME:FIELD=VALUE;FIELD=VALUE with DistillConfig fields (skdcgn distill --help, underscores), "
+                         "tuples as 8,16,8; 'NAME:' alone is the preset as it is (repeatable)")
     ap.add_argument("--run-root", type=Path, required=True)
     ap.add_argument("--mechanism", default="shape", choices=("shape", "foreground", "background"),
                     help="the mechanism distilled (textures: L1 only)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--out", type=Path, required=True, help="markdown table (and its .json twin)")
     args = ap.parse_args()
+    variants = [parse_variant(spec) for spec in args.variant]  # every spec checked before any work
+    if len({name for name, _ in variants}) != len(variants):
+        raise SkdcgnError("--variant: two variants share a name (each has its own run folder)")
+    configs = [(name, overrides, preset(args.preset, threads=args.threads, benchmark=False, **overrides))
+               for name, overrides in variants]
     torch.set_num_threads(args.threads)
     teacher = load_cgn(args.teacher).eval()
     shape_t = teacher.mechanisms()[args.mechanism]
     rows = []
-    for spec in args.variant:
-        name, overrides = parse_variant(spec)
-        cfg = preset(args.preset, threads=args.threads, benchmark=False, **overrides)
+    for name, overrides, cfg in configs:
         run = args.run_root / name
         distill(teacher, [args.mechanism], run, cfg, progress=False, evaluate=False)
         folder = run / "distill" / "students" / args.mechanism
@@ -129,4 +139,4 @@ def render(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_exit(main, "shape_students.py")

@@ -68,3 +68,30 @@ def test_distill_phases_give_gradients_to_their_own_network_only():
 def test_first_line():
     assert first_line(ValueError("a\nb")) == "a" and first_line(KeyError()) == "KeyError"
     assert len(first_line(ValueError("x" * 500))) == 200
+
+
+def test_benchmark_scripts_fail_in_one_line_like_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from skdcgn.errors import script_exit
+
+    def bad() -> None:
+        raise SkdcgnError("--n: at least 1\nsecond line")
+
+    with pytest.raises(SystemExit) as e:
+        script_exit(bad, "x.py")
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        script_exit(lambda: {"a record": 1}, "x.py")
+    assert e.value.code == 0
+    root = Path(__file__).resolve().parents[1]
+    for argv in (["benchmarks/shape_students.py", "--run-root", str(tmp_path), "--out", str(tmp_path / "o.md"),
+                  "--variant", "a:", "--variant", "b:nonsense=1"],
+                 ["benchmarks/mask_errors.py", "--run-dir", str(tmp_path / "nope"), "--teacher", "double_colored",
+                  "--out", str(tmp_path / "m.md")],
+                 ["benchmarks/sampling_speed.py", "--device", "cpu", "--batch-sizes", "0"]):
+        r = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error:" in r.stderr, (argv, r.stderr)
+    assert not any(tmp_path.iterdir())  # refused before any work

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--format tar writes WebDataset-style tar shards of JPEG/PNG images with "
                     "(shape, texture, background) labels, for CGN-ImageNet teachers or students; "
                     "it runs under `torchrun --nproc-per-node N -m skdcgn counterfactuals ...` "
-                    "(shard i written by rank i %% N).")
+                    "(shard i written by rank i % N).")
     p.add_argument("--cgn", default="double_colored",
                    help="shipped teacher name, students:<run dir>, CGN folder or .pth, imagenet-biggan:<dir>, "
                         "imagenet-cgn:<file>, hybrid:... (default: double_colored)")

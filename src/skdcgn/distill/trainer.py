@@ -90,9 +90,9 @@ class DistillConfig:
     student_extra_blocks: int = setting(1, lo=0, hi=16, unit="blocks", help="extra residual blocks of the student")
     student_embed_dim: int = setting(16, lo=1, hi=4096, unit="dims", help="class embedding size of the student")
     shape_widths: tuple[int, ...] = setting((), identity="changed", unit="channels",
-                                            help="the shape student's channels at 4, 8, 16 px; empty: student_widths")
+                                            help="the shape student's own channels at 4, 8, 16 px (none given: those of --student-widths)")
     shape_extra_blocks: int = setting(-1, lo=-1, hi=16, identity="changed", unit="blocks",
-                                      help="the shape student's extra residual blocks; -1: student_extra_blocks")
+                                      help="the shape student's own extra residual blocks (-1: as --student-extra-blocks)")
     shape_output_norm: str = setting("none", choices=OUTPUT_NORMS, identity="changed",
                                      help="shape student's logits: 'instance' normalises them per image (as the teacher's last layer)")
     disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
@@ -148,8 +148,13 @@ class DistillConfig:
         if self.batch_size > self.n_transfer and not self.online:
             raise SkdcgnError(f"batch_size: {self.batch_size} is larger than n_transfer ({self.n_transfer})")
         self.loss_weights().validate()
-        self.student_config("shape").validate()
-        self.student_config("foreground").validate()
+        for mechanism, field in (("shape", "shape_widths" if self.shape_widths else "student_widths"),
+                                 ("foreground", "student_widths")):
+            try:
+                self.student_config(mechanism).validate()
+            except SkdcgnError as e:  # name the option that set the widths: a shape student's may be its own
+                text = str(e)
+                raise SkdcgnError(f"{field}: {text[len('widths: '):]}" if text.startswith("widths: ") else text) from None
         DiscriminatorConfig(1, 10, tuple(self.disc_widths)).validate()
         if self.bf16 and not self.device.startswith(("cuda", "auto")):
             raise SkdcgnError("bf16: autocast is only used on CUDA; set device to auto or cuda")
