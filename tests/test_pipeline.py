@@ -120,6 +120,9 @@ def test_record_keys_say_what_differs_from_the_preset():
     assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-1seed"
     partial["config"].update(per_shape=1)  # other counterfactual sets: their own record
     assert record_key(partial, "full") == "run-full-wildlife+colored-teacher_cf+student_cf-per-shape1-1seed"
+    reused = summary("default")
+    reused["config"].update(students="runs/students-wide")  # other students: their own record, named by their folder
+    assert record_key(reused, "quick") == "run-quick-wildlife+colored-students-students-wide"
 
 
 def test_a_record_replaces_the_records_of_its_row_subsets(tmp_path):

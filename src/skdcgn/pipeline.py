@@ -436,7 +436,9 @@ def record_key(summary: dict, preset: str) -> str:
     cfg = summary["config"]
     key = f"run-{preset}-" + "+".join(summary["results"])
     students = PRESETS.get(preset, {}).get("distill_preset", RunConfig.distill_preset)
-    if cfg["distill_preset"] != students:
+    if cfg.get("students"):  # students reused from a folder: its name tells runs with other students apart
+        key += f"-students-{Path(cfg['students']).name}"
+    elif cfg["distill_preset"] != students:
         key += f"-{cfg['distill_preset']}-students"
     rows = tuple(cfg.get("rows", TRAINING_SETS))
     if rows != TRAINING_SETS:
