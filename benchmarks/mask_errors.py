@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from skdcgn import load_cgn
 from skdcgn.distill.evaluate import mask_iou
 from skdcgn.distill.query import TransferSet
-from skdcgn.errors import SkdcgnError, script_exit
+from skdcgn.cli import script_exit
+from skdcgn.errors import SkdcgnError
 from skdcgn.io import write_bytes, write_json
 from skdcgn.models.pretrained import load_model
 from skdcgn.results.records import hardware_info

@@ -40,7 +40,8 @@ import torch
 
 from skdcgn.api import load_cgn
 from skdcgn.config import resolve_device
-from skdcgn.errors import SkdcgnError, script_exit
+from skdcgn.cli import script_exit
+from skdcgn.errors import SkdcgnError
 from skdcgn.io import write_bytes, write_json
 from skdcgn.metrics.cost import throughput
 from skdcgn.models.cgn import CGN

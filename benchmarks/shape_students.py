@@ -26,7 +26,8 @@ import torch
 from skdcgn import load_cgn
 from skdcgn.distill.evaluate import compare_mechanism
 from skdcgn.distill.trainer import DistillConfig, distill, preset
-from skdcgn.errors import SkdcgnError, script_exit
+from skdcgn.cli import script_exit
+from skdcgn.errors import SkdcgnError
 from skdcgn.io import read_json, write_bytes, write_json
 from skdcgn.metrics.cost import throughput
 from skdcgn.models.pretrained import load_model

@@ -75,7 +75,7 @@ def test_benchmark_scripts_fail_in_one_line_like_the_cli(tmp_path):
     import sys
     from pathlib import Path
 
-    from skdcgn.errors import script_exit
+    from skdcgn.cli import script_exit
 
     def bad() -> None:
         raise SkdcgnError("--n: at least 1\nsecond line")

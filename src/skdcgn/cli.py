@@ -14,10 +14,10 @@ import importlib
 import logging
 import signal
 import sys
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from ._version import __version__
-from .errors import SkdcgnError
+from .errors import SkdcgnError, first_line
 
 COMMANDS = ["run", "data", "teacher", "distill", "counterfactuals", "label_noise", "classify", "imagenet", "bench", "evaluate"]  # modules in skdcgn.commands, in --help order
 
@@ -190,3 +190,15 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
 
 if __name__ == "__main__":
     console_main()
+
+
+def script_exit(main: Callable[[], object], prog: str) -> None:
+    """Run a script's `main()` and exit like `skdcgn`: its return value (an int, else 0) as the exit
+    code, a `SkdcgnError` as one line on stderr (`prog: error: ...`) and exit code 2, so a bad
+    option of a benchmark script reads like one of the CLI."""
+    try:
+        code = main()
+    except SkdcgnError as e:
+        print(f"{prog}: error: {first_line(e, 500)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
