@@ -188,10 +188,6 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    console_main()
-
-
 def script_exit(main: Callable[[], object], prog: str) -> None:
     """Run a script's `main()` and exit like `skdcgn`: its return value (an int, else 0) as the exit
     code, a `SkdcgnError` as one line on stderr (`prog: error: ...`) and exit code 2, so a bad
@@ -202,3 +198,7 @@ def script_exit(main: Callable[[], object], prog: str) -> None:
         print(f"{prog}: error: {first_line(e, 500)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    console_main()
