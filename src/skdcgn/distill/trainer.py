@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -54,11 +55,13 @@ from ..models.cgn import MECHANISMS
 from ..models.discriminators import DiscriminatorConfig, ProjectionDiscriminator
 from ..models.pretrained import load_model
 from ..models.students import OUTPUT_NORMS, StudentConfig, StudentGenerator, make_student
+from .calibrate import match_noise_scale
 from .losses import PIXEL_LOSSES, DistillLoss, LossWeights
 from .distributed import barrier, broadcast_state, init_distributed, wrap
 from .evaluate import SNAPSHOTS, evaluate_distillation
 from .query import SHARD_FORMATS, OnlineTeacher, TransferSet, query_teacher, transfer_config
 
+logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"  # skdcgn.checkpoint's format
 LEGACY_CHECKPOINT = "checkpoint.pt"  # skdcgn 0.1.0: refused with one line
 LOG_FIELDS = ("step", "g_loss", "pixel", "adv", "fm", "d_loss", "d_real", "d_fake", "lr_g", "seconds")
@@ -95,6 +98,9 @@ class DistillConfig:
                                       help="the shape student's own extra residual blocks (-1: as --student-extra-blocks)")
     shape_output_norm: str = setting("none", choices=OUTPUT_NORMS, identity="changed",
                                      help="shape student's logits: 'instance' normalises them per image (as the teacher's last layer)")
+    shape_match_diversity: bool = setting(False, identity="changed",
+                                          help="after training, scale the shape student's noise so its masks vary as much as "
+                                               "the teacher's (distill.calibrate; fitted on the transfer set)")
     disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
     # optimisation (TinyGAN: Adam, betas (0, 0.9))
     steps: int = setting(3_000, lo=1, hi=10_000_000, unit="steps", help="training steps of the shape student")
@@ -401,6 +407,8 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
     losses.close()
     final = (ema or G).eval()
     broadcast_state(final, env)  # batch-norm statistics are per rank: every rank ends with rank 0's
+    if is_mask and config.shape_match_diversity:  # every rank: each returns the same student
+        final.config.noise_scale = calibrated_noise_scale(final, transfer)
     if env.is_main:
         final.save_pretrained(out_dir)
         _write_log(losses, rows)
@@ -409,6 +417,19 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
                        final_losses={k: v for k, v in logs.items()})
     barrier(env)
     return final
+
+
+CALIBRATION_MASKS = 10_000  # transfer-set masks the noise scale is fitted on: diversity to about ±0.5%
+
+
+def calibrated_noise_scale(student: StudentGenerator, transfer: TransferSet | OnlineTeacher) -> float:
+    """The noise scale `--shape-match-diversity` gives a trained shape student:
+    `calibrate.match_noise_scale` on the first `CALIBRATION_MASKS` samples of its transfer set (the
+    teacher's outputs it was trained on: no new query of a stored set). Returns s in [1, 2]."""
+    u, y, masks = transfer.sample(torch.arange(min(len(transfer), CALIBRATION_MASKS)))
+    scale = match_noise_scale(student, u.float(), y.long(), masks)
+    logger.info("shape student: noise scale %.4f matches the teacher's mask diversity", scale)
+    return scale
 
 
 class _Logits(nn.Module):

@@ -5,7 +5,7 @@ A student has the teacher mechanism's interface, `forward(u [N, latent_dim], y [
 so a CGN of three students composes exactly like the teacher (same noise draw, same seeded
 texture shift). Layout, after TinyGAN (Chang & Lu, 2020) scaled down to 32 px:
 
-    cond = cat(u, class_embedding(y))             [N, latent_dim + embed_dim]
+    cond = cat(s·u, class_embedding(y))           [N, latent_dim + embed_dim]; s = noise_scale (1 as trained)
     x    = Linear(cond) -> [C4, 4, 4]              a small spatial seed (no 4096-wide layer)
     x    = UpBlock(x, cond)  4 -> 8 px             conditional BN -> ReLU -> (up x2) -> separable 3x3,
     x    = UpBlock(x, cond)  8 -> 16 px            twice, plus a residual skip
@@ -70,6 +70,8 @@ class StudentConfig:
     image_size: int = setting(32, choices=SIZES, unit="px", help="32 (MNIST), 128 or 256 (ImageNet); len(widths) = log2(image_size) - 2")
     output_norm: str = setting("none", choices=OUTPUT_NORMS,
                                help="'instance': logits = g·InstanceNorm(x) + b per image, as the CGN-MNIST shape teacher ends")
+    noise_scale: float = setting(1.0, lo=0.0, hi=100.0, lo_open=True,
+                                 help="the network reads noise_scale·u (set after training to match the teacher's mask diversity)")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
@@ -159,7 +161,10 @@ class StudentGenerator(PretrainedModel):
 
     def pre_activation(self, u: Tensor, y: Tensor) -> Tensor:
         """Logits of the output (before sigmoid / tanh): [N, C_out, S, S], S = image_size."""
-        cond = torch.cat([self.as_input(u), self.embed(y)], dim=1)  # [N, latent + embed]
+        u = self.as_input(u)
+        if self.config.noise_scale != 1.0:  # (skipped at 1: the trained student's bytes stay as they were)
+            u = u * self.config.noise_scale
+        cond = torch.cat([u, self.embed(y)], dim=1)            # [N, latent + embed]
         x = self.seed(cond).view(len(u), -1, 4, 4)             # [N, C4, 4, 4]
         x = x.contiguous(memory_format=torch.channels_last)    # oneDNN's fast layout for (depthwise) convs on CPU
         for block in self.blocks:
