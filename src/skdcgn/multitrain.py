@@ -545,12 +545,14 @@ def _train_step(stack: _Stack, batch: Tensor, y: Tensor, valid: Tensor, count: T
 
 
 def _trace_settings() -> dict:
-    """torch._dynamo settings of a compiled step (those this torch has): `torch.autograd.grad` traced
-    into the graph (torch ≥ 2.1x; older ones break the graph there: forward + backward, then the
-    update, still compiled) and room for `_RECOMPILE_LIMIT` stack shapes."""
+    """torch._dynamo settings of a compiled step, as this torch names them: `torch.autograd.grad` traced
+    into the graph (where torch has `trace_autograd_ops`, as 2.13 does; older ones break the graph
+    there: forward + backward, then the update, each still compiled) and room for `_RECOMPILE_LIMIT`
+    stack shapes."""
     config = torch._dynamo.config
-    wanted = {"trace_autograd_ops": True, "recompile_limit": _RECOMPILE_LIMIT, "cache_size_limit": _RECOMPILE_LIMIT}
-    return {key: value for key, value in wanted.items() if hasattr(config, key)}
+    out = {"trace_autograd_ops": True} if hasattr(config, "trace_autograd_ops") else {}
+    out["recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"] = _RECOMPILE_LIMIT  # renamed
+    return out
 
 
 _COMPILED: dict[str, Callable] = {}  # one torch.compile of `_train_step` per mode and process: compiled graphs are
@@ -573,6 +575,7 @@ class _StepRunner:
     def __init__(self, device: torch.device, compiled: bool, compile_mode: str | None = None) -> None:
         self.mode = (compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")) if compiled else "eager"
         self._held: _Stack | None = None
+        self._settings = _trace_settings()  # patched in around every call (~20 µs): a new shape may compile at any step
 
     def adopt(self, stack: _Stack) -> _Stack:
         """The stack, its state moved into the tensors of the previous stack of the same shape (compiled
@@ -600,7 +603,7 @@ class _StepRunner:
                     _COMPILED[self.mode] = torch.compile(_train_step, dynamic=False,
                                                          mode=None if self.mode == "default" else self.mode)
                 batch, y = images[order], labels[order]
-                with torch._dynamo.config.patch(**_trace_settings()):
+                with torch._dynamo.config.patch(**self._settings):
                     _COMPILED[self.mode](stack, batch, y, valid, count, bf16)
                 return
             except Exception as err:  # noqa: BLE001  (any compiler failure: run eagerly, once warned)
