@@ -4,15 +4,19 @@ The CGN authors' CNN (arch "cgn"), batch 64, 32 px uint8 images resident on the 
 - sequential: the step of `invariance.train_classifier` (nn.Module, torch.optim.Adadelta), timed
   for one classifier; K classifiers one after another cost K times that;
 - stacked: one step of K classifiers as one network (`multitrain._Stack`, the trainer's own step),
-  fp32 and (with --bf16) under bf16 autocast.
+  fp32 and (with --bf16) under bf16 autocast; eager, and with --compile also through torch.compile
+  as the trainer runs it with `compile="on"` (`multitrain._StepRunner`: "reduce-overhead", i.e.
+  CUDA graphs, on a GPU, "default" on a CPU; or the modes named after --compile), for the Ks of
+  --compile-ks (default: all). A compiled row also gives its first call's seconds (the compilation)
+  and its speed-up over the eager stack of the same K.
 The ratio K·t(sequential) / t(stacked K) is the speed-up of training K classifiers together.
-Also checks, for the largest K, that the stack's weights after the timed steps equal those of K
-separate classifiers trained on the same batches (max |difference|), so a fast but wrong kernel
-shows. Writes JSON and markdown.
+Also checks, for the largest K of each kind of step, that the stack's weights after the timed
+steps equal those of K separate classifiers trained on the same batches (max |difference|), so a
+fast but wrong kernel shows. Writes JSON and markdown.
 
-    python benchmarks/multitrain_speed.py --device cuda --ks 1 33 99 --steps 200 --bf16 \\
-        --json docs/multitrain_speed.json --md docs/multitrain_speed.md
-    python benchmarks/multitrain_speed.py --device cpu --ks 1 2 --steps 3 --warmup 1   (a smoke test)
+    python benchmarks/multitrain_speed.py --device cuda --ks 1 33 99 --steps 200 --bf16 --compile \\
+        --compile-ks 33 --json docs/multitrain_speed.json --md docs/multitrain_speed.md
+    python benchmarks/multitrain_speed.py --device cpu --ks 1 2 --steps 3 --warmup 1 --compile   (a smoke test)
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 from skdcgn.images import to_float
 from skdcgn.models.classifier import Classifier, ClassifierNetConfig
-from skdcgn.multitrain import _Stack, _step
+from skdcgn.multitrain import _Stack, _StepRunner
 
 
 def _sync(device: torch.device) -> None:
@@ -77,22 +81,35 @@ def time_sequential(device: torch.device, batch: int, steps: int, warmup: int) -
     return 1000 * (time.perf_counter() - t0) / steps
 
 
-def time_stacked(k: int, device: torch.device, batch: int, steps: int, warmup: int, bf16: bool
-                 ) -> tuple[float, _Stack, list, tuple]:
-    """ms per step of k stacked classifiers; also the stack and data (for the check)."""
+COMPILED_WARMUP = 3  # calls of a compiled step before timing: the compilation, then CUDA graph warm-up and capture
+
+
+def time_stacked(k: int, device: torch.device, batch: int, steps: int, warmup: int, bf16: bool, mode: str = "eager"
+                 ) -> tuple[float, float | None, str, _Stack, list, tuple]:
+    """ms per step of k stacked classifiers, stepped eagerly (mode "eager") or through torch.compile in
+    `mode`; the seconds of the first call (compiled: the compilation; None eager); the mode that ran
+    (a failed compilation runs "eager"); the stack and data (for the check)."""
     runs = _models(k, device)
-    stack = _Stack(runs, device)
+    runner = _StepRunner(device, mode != "eager", compile_mode=mode)
+    stack = runner.adopt(_Stack(runs, device))
+    warmup = max(warmup, COMPILED_WARMUP) if mode != "eager" else warmup
     images, labels, order = _batches(4096, k, batch, steps + warmup, device)
     valid = torch.ones(batch, k, device=device)
     count = valid.sum(0)
-    t0 = 0.0
+    t0, first = 0.0, None
     for s in range(steps + warmup):
         if s == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        _step(stack, images, labels, order[s], valid, count, bf16)
+        if s == 0 and mode != "eager":
+            _sync(device)
+            start = time.perf_counter()
+        runner(stack, images, labels, order[s], valid, count, bf16)
+        if s == 0 and mode != "eager":
+            _sync(device)
+            first = time.perf_counter() - start
     _sync(device)
-    return 1000 * (time.perf_counter() - t0) / steps, stack, runs, (images, labels, order)
+    return 1000 * (time.perf_counter() - t0) / steps, first, runner.mode, stack, runs, (images, labels, order)
 
 
 def check(stack: _Stack, runs: list, data: tuple, n_check: int) -> float:
@@ -124,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--bf16", action="store_true", help="also time the stack under bf16 autocast")
+    p.add_argument("--compile", nargs="*", default=None, choices=("default", "reduce-overhead"), metavar="MODE",
+                   help="also time the stack through torch.compile: alone, the trainer's mode for the device "
+                        "(reduce-overhead on CUDA, default elsewhere); or the torch.compile modes given")
+    p.add_argument("--compile-ks", type=int, nargs="+", default=None,
+                   help="the Ks timed compiled (default: all of --ks); each K is one compilation")
     p.add_argument("--check", type=int, default=2, help="jobs of the largest stack compared with separate training")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", type=Path, default=None)
@@ -135,16 +157,27 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     one = time_sequential(device, args.batch_size, args.steps, args.warmup)
+    modes = [] if args.compile is None else \
+        (args.compile or [_StepRunner(device, True).mode])  # --compile alone: what train_classifiers runs
+    compile_ks = args.compile_ks or args.ks
     rows = []
     for k in args.ks:
         for bf16 in ([False, True] if args.bf16 else [False]):
-            ms, stack, runs, data = time_stacked(k, device, args.batch_size, args.steps, args.warmup, bf16)
-            row = {"k": k, "bf16": bf16, "ms_per_step": round(ms, 3), "sequential_ms_per_step": round(k * one, 3),
-                   "speedup": round(k * one / ms, 2)}
-            if k == max(args.ks) and args.check:  # bf16: how far its weights drift from fp32 separate training
-                row["max_abs_weight_difference"] = check(stack, runs, data, args.check)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            eager_ms = None
+            for mode in ["eager"] + (modes if k in compile_ks else []):
+                ms, first, ran, stack, runs, data = time_stacked(k, device, args.batch_size, args.steps, args.warmup,
+                                                                 bf16, mode)
+                row = {"k": k, "bf16": bf16, "step": mode if ran == mode else f"eager ({mode} failed)",
+                       "ms_per_step": round(ms, 3), "sequential_ms_per_step": round(k * one, 3),
+                       "speedup": round(k * one / ms, 2)}
+                if mode == "eager":
+                    eager_ms = ms
+                else:
+                    row.update(compile_seconds=round(first, 2), vs_eager=round(eager_ms / ms, 2))
+                if k == max(args.ks if mode == "eager" else compile_ks) and args.check:  # bf16: how far its weights
+                    row["max_abs_weight_difference"] = check(stack, runs, data, args.check)  # drift from fp32 separate
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
               "steps": args.steps, "one_classifier_ms_per_step": round(one, 3), "rows": rows}
@@ -155,11 +188,14 @@ def main(argv: list[str] | None = None) -> dict:
         lines = [f"# Classifiers per step: one alone vs K stacked ({record['device']})", "",
                  f"`python benchmarks/multitrain_speed.py` (torch {record['torch']}, batch {args.batch_size}, "
                  f"{args.steps} timed steps). One classifier alone: {record['one_classifier_ms_per_step']} ms/step.", "",
-                 "| K | bf16 | stacked ms/step | K × one alone | speed-up | max weight diff vs separate |",
-                 "|---|---|---|---|---|---|"]
+                 "| K | bf16 | step | stacked ms/step | K × one alone | speed-up | compiled vs eager | compile s "
+                 "| max weight diff vs separate |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['k']} | {'yes' if r['bf16'] else 'no'} | {r['ms_per_step']} | {r['sequential_ms_per_step']} "
-                         f"| {r['speedup']}× | {r.get('max_abs_weight_difference', '')} |")
+            vs = f"{r['vs_eager']}×" if "vs_eager" in r else ""
+            lines.append(f"| {r['k']} | {'yes' if r['bf16'] else 'no'} | {r['step']} | {r['ms_per_step']} "
+                         f"| {r['sequential_ms_per_step']} | {r['speedup']}× | {vs} | {r.get('compile_seconds', '')} "
+                         f"| {r.get('max_abs_weight_difference', '')} |")
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text("\n".join(lines) + "\n")
     return record

@@ -46,6 +46,26 @@ only at a job's epoch end (log row, monitor, checkpoint). `ClassifierConfig.bf16
 (as `train_classifier`) under bf16 autocast: off by default, and a setting of the classifier's
 identity, since it changes the numbers (whether it keeps the accuracy is for a GPU run to show:
 benchmarks/gpu_protocol.sh).
+
+Compiled step (`compile`, issue #22: eager, a stacked step of K = 33 is ~100 small kernels, launch-
+bound on a GPU): after the batch is gathered (one indexing, eager), `torch.compile` of the rest of
+the step (forward, loss, `torch.autograd.grad`, the Adadelta update, the BatchNorm running
+statistics, the running sums) as one graph, mode "reduce-overhead" on CUDA (Inductor kernels
+replayed from a CUDA graph), the default mode elsewhere. "auto" (the default) compiles CUDA stacks
+only, so a CPU run keeps its eager bytes. What it keeps fixed so the graph is compiled (and
+captured) once per stack shape, not per epoch or per dataset:
+- every per-job value that changes (learning rate, active slots) is a device tensor, not a
+  Python number, so a new epoch changes no guard; the compiled part sees the gathered batch
+  [B, K, C, H, W], not the pooled data, whose size differs from variant to variant;
+- the stack is rebuilt at each epoch end (`_Stack`); `_StepRunner.adopt` copies the new stack's
+  state into the tensors the previous stack of the same shape held, so the CUDA graph's inputs
+  keep their addresses (they are marked static: updated in place, never copied per step);
+- slots are fixed (`compact` off unless asked for): a compacted stack changes K as jobs finish,
+  and each new K is a new compilation (tens of seconds; allowed, and kept compiled up to
+  `_RECOMPILE_LIMIT` shapes).
+The compiled step computes the same maths in other kernels: weights within float tolerance of
+the eager stack (tests/test_multitrain_compile.py), bitwise equal between two compiled runs on a
+CPU, resumed or not. A failed compilation logs one warning and the stack runs eagerly.
 """
 from __future__ import annotations
 
@@ -79,6 +99,9 @@ logger = logging.getLogger(__name__)
 
 BATCHED_ARCHS = ("cgn",)  # architectures the stack implements (no dropout: nothing random inside a step)
 _RHO, _EPS = 0.9, 1e-6  # torch.optim.Adadelta's defaults, as train_classifier uses it
+COMPILE_MODES = ("auto", "on", "off")  # `compile` of train_classifiers: auto = on for a CUDA stack
+_RECOMPILE_LIMIT = 64  # stack shapes one process keeps compiled (torch's default, 8, is per function: a
+                       # compacted stack or a benchmark over many K would fall back to eager silently)
 
 
 @dataclasses.dataclass
@@ -142,7 +165,8 @@ def batchable(config: ClassifierConfig) -> bool:
 
 def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
                       on_epoch_end: Callable[[int, int, dict], None] | None = None,
-                      overwrite: bool = False, compact: bool | None = None) -> list[Classifier]:
+                      overwrite: bool = False, compact: bool | None = None, compile: str = "auto"
+                      ) -> list[Classifier]:
     """Train K classifiers together; returns them (eval mode, on their device) in the order of `jobs`.
 
     Each job's folder ends exactly as `train_classifier(job.images, job.labels, job.config,
@@ -152,11 +176,17 @@ def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
     the same batch size, bf16 setting, image size and image dtype train as one stack; others one after another.
     on_epoch_end(job index, epoch, log row) is called after each of a job's checkpoints.
     overwrite: as `train_classifier` (replace a folder holding other settings).
-    compact: drop a job that is done from the stack (None: on a GPU only). Without it every job keeps
-    its slot to the end, which makes a resumed run bitwise equal to an uninterrupted one on a CPU.
-    Raises `SkdcgnError` (one line) for bad settings or data, jobs on different devices, two jobs
-    sharing one folder, or a folder holding other settings without `overwrite`.
+    compact: drop a job that is done from the stack (None: on a GPU with an eager step only). Without it
+    every job keeps its slot to the end, which makes a resumed run bitwise equal to an uninterrupted
+    one on a CPU (and a compiled step is compiled once, not once per stack size).
+    compile: "on" runs each stacked step through `torch.compile` ("reduce-overhead" on CUDA: CUDA
+    graphs; see the module doc), "off" eagerly, "auto" (default) compiled on CUDA only. Weights agree
+    with the eager step within float tolerance; a failed compilation warns once and runs eagerly.
+    Raises `SkdcgnError` (one line) for bad settings or data, a `compile` not in `COMPILE_MODES`, jobs
+    on different devices, two jobs sharing one folder, or a folder holding other settings without `overwrite`.
     """
+    if compile not in COMPILE_MODES:
+        raise SkdcgnError(f"compile: {compile!r} is not one of {', '.join(COMPILE_MODES)}")
     jobs = list(jobs)
     outs = [Path(j.out_dir).resolve() for j in jobs if j.out_dir is not None]
     if len(set(outs)) != len(outs):
@@ -164,11 +194,11 @@ def train_classifiers(jobs: Sequence[ClassifierJob], *, progress: bool = True,
     with contextlib.ExitStack() as locks:
         for out in outs:
             locks.enter_context(folder_lock(out))
-        return _train_all(jobs, progress, on_epoch_end, overwrite, compact)
+        return _train_all(jobs, progress, on_epoch_end, overwrite, compact, compile)
 
 
 def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable[[int, int, dict], None] | None,
-               overwrite: bool, compact: bool | None) -> list[Classifier]:
+               overwrite: bool, compact: bool | None, compile: str) -> list[Classifier]:
     from .models.pretrained import load_model
 
     hashes: dict = {}  # each distinct dataset hashed once
@@ -197,9 +227,11 @@ def _train_all(jobs: list[ClassifierJob], progress: bool, on_epoch_end: Callable
         runs = [_start(i, jobs[i], *prepared[i], complete=results[i] is not None) for i in indices]
         cudnn_benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True  # one stack shape at a time: its convolutions tuned once
+        device = runs[0].model.head.weight.device
+        compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
         try:
-            _train_stack(runs, progress, on_epoch_end, runs[0].model.head.weight.device.type != "cpu"
-                         if compact is None else compact)
+            _train_stack(runs, progress, on_epoch_end, device.type != "cpu" and not compiled
+                         if compact is None else compact, _StepRunner(device, compiled))
         finally:
             torch.backends.cudnn.benchmark = cudnn_benchmark
         for run in runs:
@@ -418,7 +450,7 @@ def _begin_epoch(run: _Run, device: torch.device) -> None:
 
 
 def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, int, dict], None] | None,
-                 compact: bool) -> None:
+                 compact: bool, runner: _StepRunner | None = None) -> None:
     """Train the runs (one architecture, batch size and image shape) together until each is done.
 
     The stack holds one slot per run from start to end, in the order of the jobs; the slot of a run
@@ -428,8 +460,10 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
     shape, not by value, so a run resumed after a kill ends bitwise equal to an uninterrupted one
     (checked on CPU by tests/test_multitrain.py). The cost: an idle slot's share of each step.
     compact: drop done jobs from the stack instead (faster when jobs differ in length; a resumed run
-    then equals an uninterrupted one within float tolerance only, as GPU runs do anyway)."""
+    then equals an uninterrupted one within float tolerance only, as GPU runs do anyway).
+    runner: how each step runs (`_StepRunner`; None: eagerly)."""
     device = next(runs[0].model.parameters()).device
+    runner = runner if runner is not None else _StepRunner(device, False)
     for run in runs:
         if run.done and not run.complete:  # a checkpoint after the last epoch: only the finished folder is missing
             _complete(run)
@@ -452,7 +486,7 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
     B = runs[0].config.batch_size
     idle_order = torch.zeros(1, B, dtype=torch.int64, device=device)
     idle_valid = torch.zeros(1, B, device=device)
-    stack = _Stack(pending if compact else runs, device)
+    stack = runner.adopt(_Stack(pending if compact else runs, device))
     while True:
         live = [r for r in runs if not r.done]
         T = min(r.epoch_steps - r.batch for r in live)  # steps until the next job's epoch ends
@@ -462,7 +496,7 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
         count = valid.sum(1)  # [T, K] real images per step and job
         t0 = time.perf_counter()
         for t in range(T):
-            _step(stack, images, labels, order[t], valid[t], count[t], runs[0].config.bf16)
+            runner(stack, images, labels, order[t], valid[t], count[t], runs[0].config.bf16)
         sums = torch.stack([stack.loss_sum, stack.correct.double()]).tolist()  # the one wait for the device
         share = (time.perf_counter() - t0) / len(live)  # each training job's share of the stack's time
         bar.update(T)
@@ -483,25 +517,115 @@ def _train_stack(runs: list[_Run], progress: bool, on_epoch_end: Callable[[int, 
         if all(r.done for r in runs):
             break
         # rebuilt: a new epoch's learning rate; a job that is done idles (or, compacting, leaves)
-        stack = _Stack([r for r in runs if not r.done] if compact else runs, device)
+        stack = runner.adopt(_Stack([r for r in runs if not r.done] if compact else runs, device))
     bar.close()
 
 
 def _step(stack: _Stack, images: Tensor, labels: Tensor, order: Tensor, valid: Tensor, count: Tensor,
           bf16: bool) -> None:
     """One optimizer step of every job in the stack: order [B, K] pooled indices, valid [B, K], count [K]."""
-    x = to_float(images[order])  # [B, K, C, H, W]
-    y = labels[order]  # [B, K]
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    _train_step(stack, images[order], labels[order], valid, count, bf16)
+
+
+def _train_step(stack: _Stack, batch: Tensor, y: Tensor, valid: Tensor, count: Tensor, bf16: bool) -> None:
+    """`_step` after the gather: batch [B, K, C, H, W] uint8 or float images, y [B, K] labels. The part a
+    compiled runner compiles: its inputs have the stack's shapes, whatever the size of the pooled data."""
+    x = to_float(batch)  # [B, K, C, H, W]
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = stack.forward(x, valid, count)  # [B, K, classes]
     B, K, c = logits.shape
-    ce = F.cross_entropy(logits.float().reshape(B * K, c), y.reshape(-1), reduction="none").view(B, K)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16: the loss in float32; float64 stays
+    ce = F.cross_entropy(logits.reshape(B * K, c), y.reshape(-1), reduction="none").view(B, K)
     loss = (ce * valid).sum(0) / count.clamp(min=1)  # [K] each job's mean loss over its real images (idle: 0)
     (grad,) = torch.autograd.grad(loss.sum(), stack.flat)
     stack.adadelta(grad)
     with torch.no_grad():
         stack.loss_sum += loss.double() * count.double()
         stack.correct += ((logits.argmax(-1) == y) & (valid > 0)).sum(0)
+
+
+def _trace_settings() -> dict:
+    """torch._dynamo settings of a compiled step, as this torch names them: `torch.autograd.grad` traced
+    into the graph (where torch has `trace_autograd_ops`, as 2.13 does; older ones break the graph
+    there: forward + backward, then the update, each still compiled) and room for `_RECOMPILE_LIMIT`
+    stack shapes."""
+    config = torch._dynamo.config
+    out = {"trace_autograd_ops": True} if hasattr(config, "trace_autograd_ops") else {}
+    out["recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"] = _RECOMPILE_LIMIT  # renamed
+    return out
+
+
+_COMPILED: dict[str, Callable] = {}  # one torch.compile of `_train_step` per mode and process: compiled graphs are
+                                     # cached per wrapper, so every stack and benchmark of a mode shares them
+
+
+class _StepRunner:
+    """Runs `_step` on a stack, eagerly or through `torch.compile`.
+
+    mode: "eager"; or, compiled, "reduce-overhead" on CUDA (Inductor + CUDA graphs) and "default"
+    elsewhere; `compile_mode` overrides it (a benchmark comparing modes). Compiled, the batch is
+    gathered eagerly (one indexing) and `_train_step` is compiled: it depends on the stack's shape
+    only, not on how many images the jobs have. A compiled runner keeps one set of state tensors
+    per stack shape (`adopt`) and marks them as static inputs: a CUDA graph updates them in place
+    and is captured once. The first call that raises (a compiler missing or failing, an op it
+    cannot trace) logs one warning, and the runner runs that step and every later one eagerly;
+    compilation fails before the compiled step changes any state.
+    """
+
+    def __init__(self, device: torch.device, compiled: bool, compile_mode: str | None = None) -> None:
+        self.mode = (compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")) if compiled else "eager"
+        self._held: _Stack | None = None
+        self._settings = _trace_settings()  # patched in around every call (~20 µs): a new shape may compile at any step
+
+    def adopt(self, stack: _Stack) -> _Stack:
+        """The stack, its state moved into the tensors of the previous stack of the same shape (compiled
+        only): the same addresses epoch after epoch. The previous stack must not be used afterwards."""
+        if self.mode == "eager":
+            return stack
+        new, old = _state(stack), _state(self._held) if self._held is not None else None
+        if old is not None and [(t.shape, t.dtype) for t in old.values()] == [(t.shape, t.dtype) for t in new.values()]:
+            with torch.no_grad():
+                for name, t in new.items():
+                    old[name].copy_(t)
+            _set_state(stack, old)
+        else:
+            for t in new.values():
+                torch._dynamo.mark_static_address(t)
+        self._held = stack
+        return stack
+
+    def __call__(self, stack: _Stack, images: Tensor, labels: Tensor, order: Tensor, valid: Tensor, count: Tensor,
+                 bf16: bool) -> None:
+        """One step of every job in the stack (`_step`'s arguments)."""
+        if self.mode != "eager":
+            try:
+                if self.mode not in _COMPILED:
+                    _COMPILED[self.mode] = torch.compile(_train_step, dynamic=False,
+                                                         mode=None if self.mode == "default" else self.mode)
+                batch, y = images[order], labels[order]
+                with torch._dynamo.config.patch(**self._settings):
+                    _COMPILED[self.mode](stack, batch, y, valid, count, bf16)
+                return
+            except Exception as err:  # noqa: BLE001  (any compiler failure: run eagerly, once warned)
+                logger.warning("classifier stack: torch.compile (%s) failed (%s: %s); the stack runs eagerly",
+                               self.mode, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                self.mode = "eager"
+        _step(stack, images, labels, order, valid, count, bf16)
+
+
+_STATE = ("flat", "square_avg", "acc_delta", "loss_sum", "correct", "active", "lr", "active_elements")
+
+
+def _state(stack: _Stack) -> dict[str, Tensor]:
+    """Every tensor of the stack a step reads or updates (buffers as "buffers.<name>"), in a fixed order."""
+    return {**{name: getattr(stack, name) for name in _STATE},
+            **{f"buffers.{name}": buf for name, buf in stack.buffers.items()}}
+
+
+def _set_state(stack: _Stack, state: dict[str, Tensor]) -> None:
+    for name in _STATE:
+        setattr(stack, name, state[name])
+    stack.buffers = {name: state[f"buffers.{name}"] for name in stack.buffers}
 
 
 def _end_epoch(stack: _Stack, k: int, loss_sum: float, correct: float,

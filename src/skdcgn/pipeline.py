@@ -78,6 +78,10 @@ class RunConfig:
     batch_classifiers: str = setting("auto", choices=("auto", "on", "off"), identity=False,
                                      help="train a variant's classifiers together in one process (skdcgn.multitrain; "
                                           "same results within float tolerance): auto = on a GPU, off on a CPU")
+    classifier_compile: str = setting("auto", choices=("auto", "on", "off"), identity=False,
+                                      help="run each step of a classifier stack through torch.compile (CUDA graphs on "
+                                           "a GPU; same results within float tolerance; only with batched "
+                                           "classifiers): auto = on a GPU, off on a CPU")
     sampler: str = setting("auto", choices=SAMPLER_MODES, identity=False,
                            help="how the CGN forward of the counterfactual sets and streams runs (skdcgn.models.sampling; "
                                 "same draws, same images within float tolerance): auto = a CUDA graph on a GPU, "
@@ -342,7 +346,8 @@ def _train_batched(vdir: Path, rows: list[str], config: RunConfig, training_data
     jobs = [ClassifierJob(*data[row], _classifier_config(config, s), vdir / "classifiers" / row / f"seed{s}", monitor)
             for row, s in pairs]
     _say(progress, f"{len(jobs)} classifiers together")
-    return data, dict(zip(pairs, train_classifiers(jobs, progress=progress, overwrite=overwrite)))
+    return data, dict(zip(pairs, train_classifiers(jobs, progress=progress, overwrite=overwrite,
+                                                   compile=config.classifier_compile)))
 
 
 def stream_for(config: RunConfig, cgn: CGN, seed: int, cgn_name: str | None = None) -> CounterfactualStream:
