@@ -24,6 +24,10 @@ manifests) for `skdcgn run --students DIR`, so the classifiers it trains can be 
 diversity, fitted exactly as `skdcgn distill --shape-match-diversity true` fits it
 (`distill.calibrate.match_noise_scale` on the first masks of the run's transfer set): the same
 student that distillation with that setting writes, without training it again.
+`--teacher-set DIR:s` writes the teacher's own three mechanisms as such a set, its shape reading
+s·u (its first linear layer's noise columns scaled by s, exact): the same widening given to the
+teacher, so the two can be compared at equal noise scale (`skdcgn run --students DIR`, row
+student_cf, then holds the teacher's counterfactuals at that scale).
 
     python benchmarks/shape_distribution.py --students runs/q-default-colored --variant colored \\
         --rows 1:1 0.5:1 1:1.1 1:1.2 --out docs/shape_distribution_colored.md \\
@@ -99,6 +103,20 @@ def nearest(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.stack(d).mean())
 
 
+def write_teacher_set(teacher_cgn: torch.nn.Module, dst: Path, noise_scale: float) -> None:
+    """The teacher's mechanisms as a student set in `dst`, the shape reading noise_scale·u."""
+    for m, mech in teacher_cgn.mechanisms().items():
+        d = dst / "distill" / "students" / m
+        d.mkdir(parents=True, exist_ok=True)
+        if m == "shape":
+            mech = type(mech)(mech.config)
+            mech.load_state_dict(teacher_cgn.shape.state_dict())
+            with torch.no_grad():  # the net reads cat(u, embed(y)) through its first linear layer only
+                mech.net[0].weight[:, :mech.config.latent_dim] *= noise_scale
+        mech.save_pretrained(d)
+        write_manifest(d, {"teacher_mechanism": m, "noise_scale": noise_scale}, files=("config.json", "model.safetensors"))
+
+
 def write_set(src: Path, dst: Path, student: ShapeStudent, temperature: float, noise_scale: float) -> None:
     """A student set for `skdcgn run --students dst`: `src`'s textures and the reparametrised shape."""
     base = src / "distill" / "students"
@@ -127,6 +145,8 @@ def main() -> int:
     ap.add_argument("--write", action="append", default=[], help="DIR:T:s, a student set to write (repeatable)")
     ap.add_argument("--match-diversity", type=Path, default=None,
                     help="DIR: write the student set whose noise scale matches the teacher's mask diversity")
+    ap.add_argument("--teacher-set", action="append", default=[],
+                    help="DIR:s, the teacher's own mechanisms written as a set, its shape reading s·u (repeatable)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--out", type=Path, required=True, help="markdown table (and its .json twin)")
     args = ap.parse_args()
@@ -155,6 +175,11 @@ def main() -> int:
         writes.append((args.match_diversity, 1.0, scale))
         if (1.0, scale) not in rows:
             rows.append((1.0, scale))
+    for spec in args.teacher_set:
+        folder, _, scale = spec.partition(":")
+        _, scale_value = parse_knobs(f"1:{scale}", "--teacher-set")
+        write_teacher_set(load_cgn(args.variant).eval(), Path(folder) / args.variant, scale_value)
+        print(f"wrote {Path(folder) / args.variant} (the teacher, noise scale {scale_value})")
     for folder, t, s in writes:
         write_set(src, folder / args.variant, student, t, s)
         print(f"wrote {folder / args.variant} (temperature {t}, noise scale {s})")
