@@ -21,7 +21,7 @@ Each row changes the trained student at sampling time only, so no training is re
 `--write DIR:T:s` writes such a student set (the three mechanisms, textures unchanged, with
 manifests) for `skdcgn run --students DIR`, so the classifiers it trains can be compared.
 `--match-diversity DIR` writes the set whose noise scale gives the student's masks the teacher's
-diversity, fitted exactly as `skdcgn distill --shape-match-diversity true` fits it
+diversity, fitted exactly as `skdcgn distill --shape-noise-scale 0` fits it
 (`distill.calibrate.match_noise_scale` on the first masks of the run's transfer set): the same
 student that distillation with that setting writes, without training it again.
 `--teacher-set DIR:s` writes the teacher's own three mechanisms as such a set, its shape reading

@@ -64,11 +64,11 @@ def test_match_noise_scale_recovers_a_known_contraction():
     assert match_noise_scale(teacher, u, y, student(u, y).detach()) == 1.0
 
 
-def test_distillation_with_shape_match_diversity_writes_the_fitted_scale(tmp_path):
+def test_distillation_with_a_shape_noise_scale_writes_it_or_the_fitted_one(tmp_path):
     torch.manual_seed(0)
     teacher = teacher_mechanisms(ngf=4)["shape"].eval()
-    cfg = preset("tiny", device="cpu", shape_match_diversity=True)
-    assert "shape_match_diversity" in config_record(cfg) and "shape_match_diversity" not in config_record(preset("tiny"))
+    cfg = preset("tiny", device="cpu", shape_noise_scale=0.0)  # 0: fitted
+    assert "shape_noise_scale" in config_record(cfg) and "shape_noise_scale" not in config_record(preset("tiny"))
     folder = query_teacher(teacher, tmp_path / "transfer", cfg.n_transfer, cfg.shard_size, seed=1, progress=False)
     trained = train_student("shape", TransferSet(folder), tmp_path / "s", cfg, progress=False)
     plain = train_student("shape", TransferSet(folder), tmp_path / "p", preset("tiny", device="cpu"), progress=False)
@@ -78,3 +78,8 @@ def test_distillation_with_shape_match_diversity_writes_the_fitted_scale(tmp_pat
     assert 1.0 <= trained.config.noise_scale <= 2.0
     assert load_model(tmp_path / "s").config.noise_scale == trained.config.noise_scale
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), plain.state_dict().values()))
+    fixed = train_student("shape", TransferSet(folder), tmp_path / "f", preset("tiny", device="cpu", shape_noise_scale=1.3),
+                          progress=False)
+    assert fixed.config.noise_scale == 1.3 and load_model(tmp_path / "f").config.noise_scale == 1.3
+    with pytest.raises(SkdcgnError, match="shape_noise_scale"):
+        preset("tiny", shape_noise_scale=-1.0).validate()

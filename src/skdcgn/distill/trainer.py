@@ -98,9 +98,9 @@ class DistillConfig:
                                       help="the shape student's own extra residual blocks (-1: as --student-extra-blocks)")
     shape_output_norm: str = setting("none", choices=OUTPUT_NORMS, identity="changed",
                                      help="shape student's logits: 'instance' normalises them per image (as the teacher's last layer)")
-    shape_match_diversity: bool = setting(False, identity="changed",
-                                          help="after training, scale the shape student's noise so its masks vary as much as "
-                                               "the teacher's (distill.calibrate; fitted on the transfer set)")
+    shape_noise_scale: float = setting(1.0, lo=0.0, hi=100.0, identity="changed",
+                                       help="the shape student reads s·u (s > 1: more varied shapes); 0: s fitted after training "
+                                            "so its masks vary as much as the teacher's (distill.calibrate, on the transfer set)")
     disc_widths: tuple[int, ...] = setting((8, 16, 32), unit="channels", help="discriminator channels")
     # optimisation (TinyGAN: Adam, betas (0, 0.9))
     steps: int = setting(3_000, lo=1, hi=10_000_000, unit="steps", help="training steps of the shape student")
@@ -407,8 +407,8 @@ def _train_student(mechanism: str, transfer: TransferSet | OnlineTeacher, out_di
     losses.close()
     final = (ema or G).eval()
     broadcast_state(final, env)  # batch-norm statistics are per rank: every rank ends with rank 0's
-    if is_mask and config.shape_match_diversity:  # every rank: each returns the same student
-        final.config.noise_scale = calibrated_noise_scale(final, transfer)
+    if is_mask and config.shape_noise_scale != 1.0:  # set after training: the training itself is unchanged
+        final.config.noise_scale = config.shape_noise_scale or calibrated_noise_scale(final, transfer)  # every rank
     if env.is_main:
         final.save_pretrained(out_dir)
         _write_log(losses, rows)
@@ -423,7 +423,7 @@ CALIBRATION_MASKS = 10_000  # transfer-set masks the noise scale is fitted on: d
 
 
 def calibrated_noise_scale(student: StudentGenerator, transfer: TransferSet | OnlineTeacher) -> float:
-    """The noise scale `--shape-match-diversity` gives a trained shape student:
+    """The noise scale `--shape-noise-scale 0` gives a trained shape student:
     `calibrate.match_noise_scale` on the first `CALIBRATION_MASKS` samples of its transfer set (the
     teacher's outputs it was trained on: no new query of a stored set). Returns s in [1, 2]."""
     u, y, masks = transfer.sample(torch.arange(min(len(transfer), CALIBRATION_MASKS)))
