@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import shutil
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from skdcgn.distill.query import TransferSet
 from skdcgn.distill.trainer import CALIBRATION_MASKS, calibrated_noise_scale
 from skdcgn.errors import SkdcgnError
 from skdcgn.images import render_mask
-from skdcgn.io import read_json, write_bytes, write_json, write_manifest
+from skdcgn.io import MANIFEST, read_json, refuse_other_settings, write_bytes, write_json, write_manifest
 from skdcgn.metrics.domain import load_domain_extractor, mnist_digits32
 from skdcgn.metrics.fid import extract_features, fid
 from skdcgn.metrics.masks import sharpness
@@ -60,6 +59,29 @@ from skdcgn.models.students import ShapeStudent
 from skdcgn.results.records import hardware_info
 
 MECHS = ("shape", "foreground", "background")
+
+
+def parse_scale(spec: str, what: str) -> tuple[Path, float]:
+    """'DIR:s' → (folder, noise scale > 0)."""
+    folder, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = float("nan")
+    if not folder or not value > 0:
+        raise SkdcgnError(f"{what}: expected DIR:NOISE_SCALE with a scale > 0, such as runs/wide:1.3, got {spec!r}")
+    return Path(folder), value
+
+
+def save_mechanism(model: torch.nn.Module, folder: Path, stage: dict, overwrite: bool, **extra) -> None:
+    """`model` into `folder` with its manifest written last; a folder holding a mechanism written
+    with other settings is refused in one line unless `overwrite` (`io.refuse_other_settings`)."""
+    recorded = read_json(folder / MANIFEST).get("config") if (folder / MANIFEST).is_file() else None
+    if refuse_other_settings(folder, "a mechanism", recorded, stage, overwrite):
+        (folder / MANIFEST).unlink()  # no longer complete while it is rewritten
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    write_manifest(folder, stage, files=("config.json", "model.safetensors"), **extra)
 
 
 def parse_knobs(spec: str, what: str) -> tuple[float, float]:
@@ -103,35 +125,28 @@ def nearest(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.stack(d).mean())
 
 
-def write_teacher_set(teacher_cgn: torch.nn.Module, dst: Path, noise_scale: float) -> None:
+def write_teacher_set(teacher_cgn: torch.nn.Module, dst: Path, noise_scale: float, overwrite: bool = False) -> None:
     """The teacher's mechanisms as a student set in `dst`, the shape reading noise_scale·u."""
     for m, mech in teacher_cgn.mechanisms().items():
-        d = dst / "distill" / "students" / m
-        d.mkdir(parents=True, exist_ok=True)
         if m == "shape":
             mech = type(mech)(mech.config)
             mech.load_state_dict(teacher_cgn.shape.state_dict())
             with torch.no_grad():  # the net reads cat(u, embed(y)) through its first linear layer only
                 mech.net[0].weight[:, :mech.config.latent_dim] *= noise_scale
-        mech.save_pretrained(d)
-        write_manifest(d, {"teacher_mechanism": m, "noise_scale": noise_scale}, files=("config.json", "model.safetensors"))
+        save_mechanism(mech, dst / "distill" / "students" / m, {"teacher_mechanism": m, "noise_scale": noise_scale},
+                       overwrite)
 
 
-def write_set(src: Path, dst: Path, student: ShapeStudent, temperature: float, noise_scale: float) -> None:
+def write_set(src: Path, dst: Path, student: ShapeStudent, temperature: float, noise_scale: float,
+              overwrite: bool = False) -> None:
     """A student set for `skdcgn run --students dst`: `src`'s textures and the reparametrised shape."""
     base = src / "distill" / "students"
     for m in MECHS:
-        d = dst / "distill" / "students" / m
-        d.mkdir(parents=True, exist_ok=True)
         manifest = read_json(base / m / "manifest.json")
-        if m == "shape":
-            reparametrised(student, temperature, noise_scale).save_pretrained(d)
-        else:
-            for f in ("config.json", "model.safetensors"):
-                shutil.copyfile(base / m / f, d / f)
+        model = reparametrised(student, temperature, noise_scale) if m == "shape" else load_model(base / m)
         stage = {**manifest["config"], "reparametrised": {"from": str(base / m), "temperature": temperature,
                                                           "noise_scale": noise_scale}}
-        write_manifest(d, stage, files=("config.json", "model.safetensors"),
+        save_mechanism(model, dst / "distill" / "students" / m, stage, overwrite,
                        train_seconds=manifest.get("train_seconds", 0))
 
 
@@ -147,6 +162,7 @@ def main() -> int:
                     help="DIR: write the student set whose noise scale matches the teacher's mask diversity")
     ap.add_argument("--teacher-set", action="append", default=[],
                     help="DIR:s, the teacher's own mechanisms written as a set, its shape reading s·u (repeatable)")
+    ap.add_argument("--overwrite", action="store_true", help="replace sets written before with other settings")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--out", type=Path, required=True, help="markdown table (and its .json twin)")
     args = ap.parse_args()
@@ -160,10 +176,12 @@ def main() -> int:
     for w in args.write:
         folder, _, knobs = w.partition(":")
         writes.append((Path(folder), *parse_knobs(knobs, "--write")))
+    teacher_sets = [parse_scale(spec, "--teacher-set") for spec in args.teacher_set]
     if args.n < 10:
         raise SkdcgnError(f"--n: at least 10, got {args.n}")
     torch.set_num_threads(args.threads)
-    teacher = load_cgn(args.variant).eval().shape
+    teacher_cgn = load_cgn(args.variant).eval()
+    teacher = teacher_cgn.shape
     student = load_model(src / "distill" / "students" / "shape").eval()
     matched = None
     if args.match_diversity is not None:
@@ -175,13 +193,11 @@ def main() -> int:
         writes.append((args.match_diversity, 1.0, scale))
         if (1.0, scale) not in rows:
             rows.append((1.0, scale))
-    for spec in args.teacher_set:
-        folder, _, scale = spec.partition(":")
-        _, scale_value = parse_knobs(f"1:{scale}", "--teacher-set")
-        write_teacher_set(load_cgn(args.variant).eval(), Path(folder) / args.variant, scale_value)
-        print(f"wrote {Path(folder) / args.variant} (the teacher, noise scale {scale_value})")
+    for folder, scale in teacher_sets:
+        write_teacher_set(teacher_cgn, folder / args.variant, scale, args.overwrite)
+        print(f"wrote {folder / args.variant} (the teacher, noise scale {scale})")
     for folder, t, s in writes:
-        write_set(src, folder / args.variant, student, t, s)
+        write_set(src, folder / args.variant, student, t, s, args.overwrite)
         print(f"wrote {folder / args.variant} (temperature {t}, noise scale {s})")
 
     extractor = load_domain_extractor()

@@ -71,7 +71,7 @@ class StudentConfig:
     output_norm: str = setting("none", choices=OUTPUT_NORMS,
                                help="'instance': logits = g·InstanceNorm(x) + b per image, as the CGN-MNIST shape teacher ends")
     noise_scale: float = setting(1.0, lo=0.0, hi=100.0, lo_open=True,
-                                 help="the network reads noise_scale·u (set after training to match the teacher's mask diversity)")
+                                 help="the network reads noise_scale·u (set after training: DistillConfig.shape_noise_scale)")
 
     def validate(self) -> None:
         """Check every field (ranges above); raises `SkdcgnError` naming the first bad field."""
